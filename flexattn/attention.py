@@ -1,0 +1,250 @@
+"""FlexAttention as a registered transformers attention function plus an explicit per-call state.
+
+How a forward pass runs (prefill or one decoding step alike):
+  * every query row gets ordinary causal attention (SDPA);
+  * from the selection layer S on, the "HR rows" (the last row of the pass at inference; the answer rows in
+    training) also compute their softmax over text + LR keys, sum it over heads on the LR image columns and turn
+    that g x g map into a selected-HR mask (`select_hr_tokens`) for the next layer;
+  * in layers > S those rows attend to text + LR + the HR tokens selected by the previous layer, whose keys and
+    values come from the layer's own `k_proj_hd` / `v_proj_hd` applied to the projected HR features, with
+    rotary tables bicubically interpolated from the LR grid.
+
+Nothing is stored on modules: the model passes `flex_state=FlexState(...)` through `generate`/`forward` kwargs,
+and transformers hands it to this function at every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+from .settings import FlexSettings, check_mode
+
+ATTN_IMPLEMENTATION = "flexattn"
+
+
+def select_hr_tokens(
+    lr_map: torch.Tensor,
+    original_size: tuple[int, int],
+    threshold: float,
+    pool_size: int,
+    hr_grid: int,
+) -> torch.Tensor:
+    """Turn head-summed LR attention maps (R, g, g) into selected-HR masks (R, hr_grid**2), bool.
+
+    Padded margins (from padding a w x h image to square) are zeroed first so they are never selected; the map
+    is min-max normalised, thresholded on a 0-255 scale, max-pooled to a coarse pool_size grid and
+    nearest-upsampled to the HR grid. A flat map normalises to NaN and selects nothing, as in the reference.
+    """
+    g = lr_map.shape[-1]
+    attn = lr_map.clone()
+    w, h = original_size
+    margin = int((abs(w - h) // 2) / max(w, h) * g)
+    if margin:
+        if w > h:
+            attn[:, :margin, :] = 0
+            attn[:, -margin:, :] = 0
+        else:
+            attn[:, :, :margin] = 0
+            attn[:, :, -margin:] = 0
+    flat = attn.flatten(1)
+    low = flat.min(1, keepdim=True).values
+    high = flat.max(1, keepdim=True).values
+    normalised = (flat - low) / (high - low)
+    keep = ((normalised * 255) > threshold).float().reshape(-1, 1, g, g)
+    coarse = F.adaptive_max_pool2d(keep, pool_size)
+    return F.interpolate(coarse, size=hr_grid, mode="nearest").bool().flatten(1)
+
+
+def interpolate_rotary(cos: torch.Tensor, sin: torch.Tensor, hr_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (g*g, d) of the LR image positions -> (hr_grid**2, d) by bicubic interpolation of the tables."""
+    g = int(round(cos.shape[0] ** 0.5))
+
+    def resize(table):
+        grid = table.float().reshape(g, g, -1).permute(2, 0, 1).unsqueeze(0)  # (1, d, g, g)
+        grid = F.interpolate(grid, size=hr_grid, mode="bicubic")
+        return grid[0].flatten(1).T.to(table.dtype)  # (hr_grid**2, d)
+
+    return resize(cos), resize(sin)
+
+
+class FlexState:
+    """What one call (one `generate` or one training forward) needs, and what its layers hand to each other.
+
+    Args:
+        mode: "lowres" (plain LLaVA), "flex" (FlexAttention) or "select_all" (every HR token, no selection).
+        settings: thresholds, layers and sizes (see FlexSettings).
+        image_start: index of the first LR image token in the sequence (same for every batch row).
+        lr_grid: g, the LR token grid side.
+        hr_features: (B, G*G, D) projected HR features, row-major, or None in lowres mode.
+        hr_cos, hr_sin: (G*G, head_dim) interpolated rotary tables for the HR keys.
+        original_sizes: per batch row, the (width, height) of the image before padding to square.
+        rows: (B, R) query rows that see HR; None means the last row of each pass (inference).
+        recorder: optional trace recorder (flexattn.trace.TraceRecorder).
+        keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        settings: FlexSettings,
+        image_start: int,
+        lr_grid: int,
+        hr_features: torch.Tensor | None = None,
+        hr_cos: torch.Tensor | None = None,
+        hr_sin: torch.Tensor | None = None,
+        original_sizes: list[tuple[int, int]] | None = None,
+        rows: torch.Tensor | None = None,
+        recorder=None,
+        keep_lr_maps: bool = False,
+    ):
+        self.mode = check_mode(mode)
+        if self.mode != "lowres" and hr_features is None:
+            raise ValueError(f"mode {mode!r} needs HR features")
+        self.settings = settings
+        self.image_start = image_start
+        self.lr_grid = lr_grid
+        self.hr_features = hr_features
+        self.hr_cos, self.hr_sin = hr_cos, hr_sin
+        self.hr_grid = lr_grid * settings.zoom
+        self.original_sizes = original_sizes
+        self.rows = rows
+        self.recorder = recorder
+        self.keep_lr_maps = keep_lr_maps
+        self.lr_maps: list[tuple[int, torch.Tensor]] = []
+        self.pass_index = -1
+        self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
+        self._attended: dict[tuple[int, int], torch.Tensor] = {}  # (pass, layer) -> HR tokens the last row saw
+
+    def begin_pass(self) -> None:
+        self.pass_index += 1
+        self.hr_mask = None
+
+    def query_rows(self, batch: int, q_len: int, device) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows.to(device)
+        return torch.full((batch, 1), q_len - 1, dtype=torch.long, device=device)
+
+    def needs_rows(self, layer: int) -> bool:
+        return (self.mode != "lowres" and layer >= self.settings.selection_layer) or self.recorder is not None
+
+    def hr_attended(self, num_layers: int) -> list[list[int]]:
+        """HR tokens the last query row attended, per pass and layer (batch row 0); 0 where none."""
+        passes = [[0] * num_layers for _ in range(self.pass_index + 1)]
+        for (p, layer), count in self._attended.items():
+            passes[p][layer] = int(count)
+        return passes
+
+    def select(self, lr_map: torch.Tensor) -> torch.Tensor:
+        """(B, R, g, g) maps -> (B, R, G*G) masks for the next layer."""
+        b, r = lr_map.shape[:2]
+        if self.mode == "select_all":
+            return torch.ones(b, r, self.hr_grid**2, dtype=torch.bool, device=lr_map.device)
+        s = self.settings
+        masks = [
+            select_hr_tokens(lr_map[i], self.original_sizes[i], s.threshold, s.pool_size, self.hr_grid)
+            for i in range(b)
+        ]
+        return torch.stack(masks)
+
+
+def _row_bias(attention_mask, rows, q_len, kv_len, dtype, device) -> torch.Tensor:
+    """Additive bias (B, 1, R, N) for the chosen query rows, from whatever mask transformers passed."""
+    if attention_mask is None:  # SDPA skipped the mask: plain causal attention, queries are the last q_len keys
+        key_pos = torch.arange(kv_len, device=device)
+        query_pos = rows + (kv_len - q_len)
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, R, N)
+        allowed = allowed[:, None]
+    else:
+        index = rows[:, None, :, None].expand(-1, attention_mask.shape[1], -1, attention_mask.shape[-1])
+        picked = attention_mask.gather(2, index)
+        if picked.dtype != torch.bool:
+            return picked.to(dtype)
+        allowed = picked
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _hr_keys_values(module, state: FlexState, hr_mask: torch.Tensor):
+    """Keys/values of the HR tokens the rows may attend to, plus a (B, 1, R, M) additive mask over them."""
+    hr = state.hr_features
+    cos, sin = state.hr_cos, state.hr_sin
+    if hr.shape[0] == 1:  # inference: project only the selected tokens (the union over rows)
+        keep = hr_mask[0].any(0).nonzero().squeeze(1)
+        hr, cos, sin = hr[:, keep], cos[keep], sin[keep]
+        hr_mask = hr_mask[:, :, keep]
+    b, m, _ = hr.shape
+    d = module.head_dim
+    keys = module.k_proj_hd(hr).view(b, m, -1, d).transpose(1, 2)
+    values = module.v_proj_hd(hr).view(b, m, -1, d).transpose(1, 2)
+    keys = keys * cos + rotate_half(keys) * sin  # rotary on keys only, positions from the LR grid
+    bias = torch.zeros(hr_mask.shape, dtype=keys.dtype, device=keys.device)
+    bias = bias.masked_fill(~hr_mask, torch.finfo(keys.dtype).min)[:, None]
+    return keys, values, bias
+
+
+def flex_attention_forward(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    flex_state: FlexState | None = None,
+    **kwargs,
+):
+    """Registered as attention implementation "flexattn"; with no state (or lowres and no trace) it is SDPA."""
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    state = flex_state
+    layer = module.layer_idx
+    if state is None or not state.needs_rows(layer):
+        return output, None
+
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[2]
+    rows = state.query_rows(b, q_len, query.device)  # (B, R)
+    q_rows = query.gather(2, rows[:, None, :, None].expand(b, h, -1, d))  # (B, H, R, d)
+    keys = repeat_kv(key, module.num_key_value_groups)
+    values = repeat_kv(value, module.num_key_value_groups)
+    scores = (q_rows @ keys.transpose(2, 3)) * scaling
+    scores = scores + _row_bias(attention_mask, rows, q_len, kv_len, scores.dtype, scores.device)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # text + LR only: drives selection
+
+    g = state.lr_grid
+    start = state.image_start
+    lr_map = probs[..., start : start + g * g].sum(1).reshape(b, -1, g, g)  # (B, R, g, g), summed over heads
+
+    settings = state.settings
+    uses_hr = state.mode != "lowres" and layer > settings.selection_layer and state.hr_mask is not None
+    hr_probs = None
+    if uses_hr:
+        hr_keys, hr_values, hr_bias = _hr_keys_values(module, state, state.hr_mask)
+        hr_keys = repeat_kv(hr_keys, module.num_key_value_groups)
+        hr_values = repeat_kv(hr_values, module.num_key_value_groups)
+        hr_scores = (q_rows @ hr_keys.transpose(2, 3)) * scaling + hr_bias
+        joint = F.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+        row_out = joint @ torch.cat([values, hr_values], dim=2)  # (B, H, R, d)
+        index = rows[:, :, None, None].expand(-1, -1, h, d)
+        output = output.scatter(1, index, row_out.transpose(1, 2).to(output.dtype))
+        hr_probs = joint[..., kv_len:]
+        state._attended[(state.pass_index, layer)] = state.hr_mask[0, -1].sum()
+
+    if state.recorder is not None:
+        state.recorder.record(state, layer, lr_map, hr_probs)
+    if state.mode != "lowres" and layer >= settings.selection_layer:
+        if state.keep_lr_maps:
+            state.lr_maps.append((layer, lr_map))
+        with torch.no_grad():
+            state.hr_mask = state.select(lr_map.detach().float())
+        if state.recorder is not None:
+            state.recorder.record_selection(state, layer, state.hr_mask)
+    return output, None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, flex_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)

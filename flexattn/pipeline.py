@@ -1,0 +1,286 @@
+"""The Python API: load once, then ask questions about images in any mode and get text, trace and stats.
+
+    vlm = FlexVLM.load()                       # embedded model; or a hub id / directory
+    result = vlm.answer("photo.jpg", "What letter is on the red circle?", mode="flex")
+    result.text, result.trace, result.stats
+
+    for partial in vlm.stream(image, question):  # str chunks while generating, then the final Answer
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from . import cost
+from .attention import FlexState
+from .image import ImageViews, load_image, make_views
+from .loading import LoadedModel, load
+from .prompt import check_question, conversation, tokenize_around_image
+from .settings import FlexSettings, check_mode
+from .trace import Trace, TraceRecorder
+
+MAX_NEW_TOKENS = 512
+
+
+@dataclass
+class PreparedImage:
+    """One image's views and features; reused across questions (HR features are encoded once)."""
+
+    image: Image.Image
+    views: ImageViews
+    lr_features: torch.Tensor  # (g*g, D)
+    hr_features: torch.Tensor | None  # (G*G, D); None until a mode needs it
+    lr_grid: int
+    encode_seconds: float = 0.0
+
+    @property
+    def hr_grid(self) -> int:
+        return self.lr_grid * self.views.zoom
+
+
+@dataclass
+class Answer:
+    text: str
+    mode: str
+    token_ids: list[int]
+    tokens: list[str]
+    stats: dict
+    trace: Trace | None = None
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self, layers: bool = True) -> dict:
+        out = {"answer": self.text, "mode": self.mode, "tokens": self.tokens, "stats": self.stats,
+               "settings": self.settings}
+        if layers and self.trace is not None and self.trace.passes:
+            out["layers"] = [
+                {"layer": lt.layer, "selected_hr_tokens": lt.selected_count, "hr_attended": lt.hr_attended,
+                 "hr_attention_share": round(lt.hr_attention_share, 6)}
+                for lt in self.trace.passes[0]
+            ]
+        return out
+
+
+class _Timer(BaseStreamer):
+    """Timestamps each token `generate` emits (the first put is the prompt), then forwards to another streamer."""
+
+    def __init__(self, inner: BaseStreamer | None):
+        self.inner = inner
+        self.times = [time.perf_counter()]
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+
+
+class FlexVLM:
+    def __init__(self, loaded: LoadedModel, cache_size: int = 4):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.processor = loaded.processor
+        self.name = loaded.name
+        self.layout = loaded.layout
+        self.untrained_hr = loaded.untrained_hr
+        self._cache: OrderedDict[tuple, PreparedImage] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # one generation at a time per model (state is per call; the GPU is not)
+
+    @classmethod
+    def load(cls, name=None, device=None, dtype=None) -> "FlexVLM":
+        return cls(load(name, device=device, dtype=dtype))
+
+    @property
+    def settings(self) -> FlexSettings:
+        return self.model.flex_settings
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- images ------------------------------------------------------------------------------------------
+    def prepare(self, image, highres: bool = True, zoom: int | None = None) -> PreparedImage:
+        """Load, view and encode an image (cached by content), HR features included when `highres`."""
+        image = image.image if isinstance(image, PreparedImage) else load_image(image)
+        s = self.settings
+        zoom = zoom or s.zoom
+        key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, s.lowres_size, zoom)
+        prepared = self._cache.get(key)
+        if prepared is not None and (prepared.hr_features is not None or not highres):
+            self._cache.move_to_end(key)
+            return prepared
+        start = time.perf_counter()
+        with torch.inference_mode():
+            views = prepared.views if prepared else make_views(image, self.processor, s.lowres_size, zoom)
+            lr, hr = self.model.encode_views(views, highres=highres)
+        g = int(round(lr.shape[0] ** 0.5))
+        prepared = PreparedImage(image, views, lr, hr, g, encode_seconds=time.perf_counter() - start)
+        self._cache[key] = prepared
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return prepared
+
+    # ---- answering ---------------------------------------------------------------------------------------
+    def answer(self, image, question: str, **options) -> Answer:
+        return self._generate(image, question, streamer=None, **options)
+
+    def stream(self, image, question: str, **options) -> Iterator[str | Answer]:
+        """Yield text chunks as they are generated, then the final Answer. Errors are raised here."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        result: dict = {}
+
+        def run():
+            try:
+                result["answer"] = self._generate(image, question, streamer=streamer, **options)
+            except BaseException as err:  # handed to the consumer below
+                result["error"] = err
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        for chunk in streamer:
+            if chunk:
+                yield chunk
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["answer"]
+
+    def _generate(
+        self,
+        image,
+        question: str,
+        *,
+        mode: str = "flex",
+        history: Sequence[tuple[str, str]] = (),
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        threshold: float | None = None,
+        selection_layer: int | None = None,
+        pool_size: int | None = None,
+        zoom: int | None = None,
+        trace: bool | int = True,
+        streamer: BaseStreamer | None = None,
+    ) -> Answer:
+        mode = check_mode(mode)
+        question = check_question(question)
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
+        settings = self.settings.with_overrides(
+            threshold=threshold, selection_layer=selection_layer, pool_size=pool_size, zoom=zoom
+        )
+        n_layers = self.model.config.text_config.num_hidden_layers
+        if not 0 <= settings.selection_layer < n_layers:
+            raise ValueError(f"selection_layer must be in 0..{n_layers - 1}, got {settings.selection_layer}")
+
+        with self._lock:
+            vision_start = time.perf_counter()
+            prepared = self.prepare(image, highres=mode != "lowres", zoom=settings.zoom)
+            vision_seconds = time.perf_counter() - vision_start  # ~0 when the image's features were cached
+            ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, history))
+            embed = self.model.get_input_embeddings()
+            device = self.device
+            with torch.inference_mode():
+                inputs_embeds = torch.cat(
+                    [
+                        embed(torch.tensor(ids_before, device=device)),
+                        prepared.lr_features.to(embed.weight.dtype),
+                        embed(torch.tensor(ids_after, device=device)),
+                    ]
+                )[None]
+            image_start = len(ids_before)
+            g, G = prepared.lr_grid, prepared.hr_grid
+            recorder = None
+            if trace:
+                recorder = TraceRecorder(g, G, settings.selection_layer, None if trace is True else int(trace))
+            hr_cos = hr_sin = None
+            if mode != "lowres":
+                hr_cos, hr_sin = self.model.hr_rotary_tables(image_start, g, G)
+            state = FlexState(
+                mode=mode,
+                settings=settings,
+                image_start=image_start,
+                lr_grid=g,
+                hr_features=prepared.hr_features[None] if mode != "lowres" else None,
+                hr_cos=hr_cos,
+                hr_sin=hr_sin,
+                original_sizes=[prepared.views.original_size],
+                recorder=recorder,
+            )
+            timer = _Timer(streamer)
+            if seed is not None:
+                torch.manual_seed(seed)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+            with torch.inference_mode():
+                output = self.model.generate(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                    streamer=timer,
+                    flex_state=state,
+                    **sampling,
+                )
+        token_ids = output[0].tolist()
+        if token_ids and token_ids[-1] == self.tokenizer.eos_token_id:
+            token_ids = token_ids[:-1]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+        passes = len(timer.times) - 1
+        prompt_len = inputs_embeds.shape[1]
+        attended = state.hr_attended(n_layers)
+        flops = cost.call_flops(
+            self.model.config, mode, prompt_len, passes, attended, selection_layer=settings.selection_layer,
+            zoom=settings.zoom,
+        )
+        times = timer.times
+        decode = [b - a for a, b in zip(times[1:-1], times[2:])]
+        stats = {
+            "lr_tokens": g * g,
+            "hr_tokens": G * G,
+            "text_tokens": prompt_len - g * g,
+            "prompt_tokens": prompt_len,
+            "generated_tokens": passes,
+            "hr_attended_per_layer": attended[0] if attended else [],
+            "hr_attended_mean": _mean_attended(attended, settings.selection_layer),
+            "latency_s": {
+                "vision": vision_seconds,
+                "prefill": times[1] - times[0] if passes else 0.0,
+                "decode_per_token": sum(decode) / len(decode) if decode else 0.0,
+                "total": times[-1] - times[0],
+            },
+            "flops": flops,
+            "tflops": flops["total"] / 1e12,
+            "untrained_hr_projections": settings.untrained_hr_projections,
+        }
+        return Answer(
+            text=text,
+            mode=mode,
+            token_ids=token_ids,
+            tokens=[self.tokenizer.decode([t]) for t in token_ids],
+            stats=stats,
+            trace=recorder.finish() if recorder else None,
+            settings=settings.to_dict(),
+        )
+
+
+def _mean_attended(attended: list[list[int]], selection_layer: int) -> float:
+    values = [count for per_layer in attended for count in per_layer[selection_layer + 1 :]]
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,549 @@
+"""Synthetic high-resolution VQA: coloured shapes carrying tiny letters.
+
+Each image is HR_SIZE x HR_SIZE RGB with a textured background, small distractor marks and 3-8
+non-overlapping coloured shapes. Every shape carries one letter drawn as a 5x7 one-pixel bitmap
+glyph: readable at HR (336 px), a 2x2-pixel smudge after the 3x downscale to the LR view (112 px).
+Colours and shapes stay visible at LR, so the LR view can find *where* to look, but only the HR
+view can tell *which letter* is there.
+
+Question families (mirroring V* Bench):
+  attribute  "what letter is on the red circle ?" -> "k"
+             "what colour is the shape marked k ?" -> "red"
+  spatial    "is the k left or right of the p ?" -> "left" / "right"
+  reading    "read the letters on the shapes from left to right ." -> "k p e t" (4-8 letters)
+
+Everything is a pure function of (seed, family): a numpy Generator is seeded per sample.
+
+Label conventions (see `patch_labels`): class indices are positions in LETTERS, COLOURS and
+SHAPES; -1 means "none" (no letter / background).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+HR_SIZE = 336
+LR_SIZE = 112
+PATCH = 14  # vision-tower patch size in HR pixels
+HR_GRID = HR_SIZE // PATCH  # 24
+NONE = -1
+
+# Letters whose lowercase forms are not also prompt/question words ("a", "i"), drawn with
+# distinct 5x7 glyphs.
+LETTERS = ("e", "f", "h", "k", "l", "n", "p", "r", "t", "u", "x", "z")
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+SHAPES = ("circle", "square", "triangle", "diamond")
+FAMILIES = ("attribute", "spatial", "reading")
+
+COLOUR_RGB = {
+    "red": (215, 35, 35),
+    "orange": (250, 140, 10),
+    "yellow": (240, 220, 30),
+    "green": (35, 160, 55),
+    "blue": (35, 75, 215),
+    "purple": (140, 50, 185),
+}
+# Ink colour of the letter on each shape colour (dark ink on light shapes, white on dark ones).
+INK_RGB = {
+    "red": (255, 255, 255),
+    "orange": (0, 0, 0),
+    "yellow": (0, 0, 0),
+    "green": (255, 255, 255),
+    "blue": (255, 255, 255),
+    "purple": (255, 255, 255),
+}
+
+_GLYPH_ROWS = {
+    "e": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "f": ("#####", "#....", "#....", "####.", "#....", "#....", "#...."),
+    "h": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "k": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "l": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "n": ("#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#", "#...#"),
+    "p": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "r": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "t": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "u": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "x": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+    "z": ("#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"),
+}
+GLYPHS = {k: np.array([[c == "#" for c in row] for row in rows], dtype=bool) for k, rows in _GLYPH_ROWS.items()}
+GLYPH_H, GLYPH_W = 7, 5
+
+# Shape size: "radius" in HR px. A 36-52 px shape is 12-17 px in the LR view.
+MIN_RADIUS, MAX_RADIUS = 18, 26
+MIN_SHAPES, MAX_SHAPES = 3, 8
+MIN_READ, MAX_READ = 4, 8
+READ_MIN_DX = 12  # reading: centres at least this far apart horizontally
+SPATIAL_MIN_DX = 48  # spatial: centres this far apart and boxes not overlapping in x
+
+QUESTION_TEMPLATES = {
+    "letter_of": "what letter is on the {colour} {shape} ?",
+    "colour_of": "what colour is the shape marked {letter} ?",
+    "spatial": "is the {a} left or right of the {b} ?",
+    "reading": "read the letters on the shapes from left to right .",
+}
+SPATIAL_ANSWERS = ("left", "right")
+
+# LLaVA v1 conversation prompt words (lowercased by the tokenizer's normalizer).
+PROMPT_TEXT = (
+    "a chat between a curious human and an artificial intelligence assistant . "
+    "the assistant gives helpful , detailed , and polite answers to the human's questions . "
+    "user : assistant :"
+)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+
+
+@dataclass
+class Shape:
+    kind: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    letter: str  # one of LETTERS
+    centre: tuple[int, int]  # (x, y) HR px; also the centre of the letter glyph
+    radius: int
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) HR px, inclusive-exclusive
+    letter_box: tuple[int, int, int, int]  # glyph pixels (x0, y0, x1, y1)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "colour": self.colour,
+            "letter": self.letter,
+            "centre": list(self.centre),
+            "radius": self.radius,
+            "box": list(self.box),
+            "letter_box": list(self.letter_box),
+        }
+
+
+@dataclass
+class Sample:
+    image: Image.Image  # HR_SIZE x HR_SIZE RGB
+    question: str
+    answer: str
+    family: str
+    target_boxes: list[tuple[int, int, int, int]]  # the shapes the answer needs, in answer order
+    shapes: list[Shape]
+    seed: int
+    kind: str = ""  # question template key (letter_of / colour_of / spatial / reading)
+    targets: list[int] = field(default_factory=list)  # indices into shapes, in answer order
+    shape_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8: shape index + 1, 0 = none
+
+    def to_dict(self) -> dict:
+        """JSON-able metadata (everything but the pixels)."""
+        return {
+            "seed": self.seed,
+            "family": self.family,
+            "kind": self.kind,
+            "question": self.question,
+            "answer": self.answer,
+            "target_boxes": [list(b) for b in self.target_boxes],
+            "targets": list(self.targets),
+            "shapes": [s.to_dict() for s in self.shapes],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Scene rendering
+
+
+def _shape_polygon(kind: str, cx: int, cy: int, r: int) -> list[tuple[float, float]] | None:
+    if kind == "square":
+        h = round(r * 0.88)
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if kind == "diamond":
+        h = round(r * 1.2)
+        return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
+    if kind == "triangle":
+        # Equilateral, pointing up, centroid at (cx, cy); inradius 0.65 r >= 11 px holds the glyph.
+        R = 1.3 * r
+        return [
+            (cx, cy - R),
+            (cx + R * np.sqrt(3) / 2, cy + R / 2),
+            (cx - R * np.sqrt(3) / 2, cy + R / 2),
+        ]
+    return None  # circle
+
+
+def _bounding_radius(kind: str, r: int) -> float:
+    return {"circle": r, "square": r * 0.88 * 1.415, "diamond": r * 1.2, "triangle": r * 1.3}[kind]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: int, cy: int, r: int, fill) -> None:
+    poly = _shape_polygon(kind, cx, cy, r)
+    if poly is None:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Light, slightly tinted, low-frequency texture (float32, H x W x 3)."""
+    base = rng.uniform(185, 235) + rng.uniform(-12, 12, size=3)
+    coarse = rng.normal(0, 1, size=(6, 6, 3)).astype(np.float32)
+    tex = np.asarray(
+        Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255).astype(np.uint8)).resize(
+            (size, size), Image.BILINEAR
+        ),
+        dtype=np.float32,
+    )
+    tex = (tex / 255.0 - 0.5) * rng.uniform(15, 35)
+    ys = np.arange(size, dtype=np.float32)[:, None]
+    xs = np.arange(size, dtype=np.float32)[None, :]
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(0.02, 0.08)
+    stripes = np.sin((np.cos(angle) * xs + np.sin(angle) * ys) * freq * 2 * np.pi) * rng.uniform(0, 6)
+    return np.clip(base[None, None, :] + tex + stripes[:, :, None], 0, 255).astype(np.float32)
+
+
+def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> None:
+    """Small dots and short strokes, muted colours. Never letter-like (no crossings)."""
+    for _ in range(int(rng.integers(8, 25))):
+        grey = int(rng.integers(60, 170))
+        tint = rng.integers(-25, 26, size=3)
+        col = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+        x, y = (int(v) for v in rng.integers(4, size - 4, size=2))
+        if rng.random() < 0.5:
+            rad = int(rng.integers(1, 4))
+            draw.ellipse((x - rad, y - rad, x + rad, y + rad), fill=col)
+        else:
+            length = rng.uniform(5, 14)
+            ang = rng.uniform(0, np.pi)
+            dx, dy = length * np.cos(ang) / 2, length * np.sin(ang) / 2
+            draw.line((x - dx, y - dy, x + dx, y + dy), fill=col, width=int(rng.integers(1, 3)))
+
+
+def _place_shapes(
+    rng: np.random.Generator, n: int, grid_aligned: bool, min_dx: int = 0, max_tries: int = 400
+) -> list[tuple[int, int, int, str]] | None:
+    """n non-overlapping (cx, cy, r, kind) placements fully inside the image, or None."""
+    placed: list[tuple[int, int, int, str]] = []
+    for _ in range(max_tries):
+        if len(placed) == n:
+            break
+        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+        r = int(rng.integers(MIN_RADIUS, MAX_RADIUS + 1))
+        br = _bounding_radius(kind, r)
+        lo, hi = int(np.ceil(br)) + 3, HR_SIZE - int(np.ceil(br)) - 3
+        if grid_aligned:
+            # Shape (and so glyph) centred on an HR patch centre: 14 k + 7.
+            kmin, kmax = int(np.ceil((lo - 7) / PATCH)), int(np.floor((hi - 7) / PATCH))
+            cx, cy = (int(v) * PATCH + 7 for v in rng.integers(kmin, kmax + 1, size=2))
+        else:
+            cx, cy = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+        ok = True
+        for px, py, pr, pk in placed:
+            if np.hypot(cx - px, cy - py) < br + _bounding_radius(pk, pr) + 6:
+                ok = False
+                break
+            if min_dx and abs(cx - px) < min_dx:
+                ok = False
+                break
+        if ok:
+            placed.append((cx, cy, r, kind))
+    return placed if len(placed) == n else None
+
+
+def _shape_box(kind: str, cx: int, cy: int, r: int) -> tuple[int, int, int, int]:
+    poly = _shape_polygon(kind, cx, cy, r)
+    if poly is None:
+        return (cx - r, cy - r, cx + r + 1, cy + r + 1)
+    xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+    return (int(np.floor(min(xs))), int(np.floor(min(ys))), int(np.ceil(max(xs))) + 1, int(np.ceil(max(ys))) + 1)
+
+
+def _glyph_origin(cx: int, cy: int) -> tuple[int, int]:
+    # Glyph pixels occupy [x0, x0+5) x [y0, y0+7); for a patch centre 14k+7 that is 14k+5..14k+9
+    # horizontally and 14k+4..14k+10 vertically: 4-5 px of margin inside the patch.
+    return cx - GLYPH_W // 2, cy - GLYPH_H // 2 - 1
+
+
+def render_scene(
+    rng: np.random.Generator,
+    placements: list[tuple[int, int, int, str]],
+    colours: list[str],
+    letters: list[str],
+) -> tuple[Image.Image, list[Shape], np.ndarray]:
+    size = HR_SIZE
+    bg = _background(rng, size)
+    img = Image.fromarray(bg.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    _draw_distractors(rng, draw, size)
+    shape_map = Image.new("L", (size, size), 0)
+    mdraw = ImageDraw.Draw(shape_map)
+    shapes: list[Shape] = []
+    for i, ((cx, cy, r, kind), colour, letter) in enumerate(zip(placements, colours, letters)):
+        jitter = rng.integers(-12, 13, size=3)
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter))
+        _draw_shape(draw, kind, cx, cy, r, fill)
+        _draw_shape(mdraw, kind, cx, cy, r, i + 1)
+        gx, gy = _glyph_origin(cx, cy)
+        shapes.append(
+            Shape(
+                kind=kind,
+                colour=colour,
+                letter=letter,
+                centre=(cx, cy),
+                radius=r,
+                box=_shape_box(kind, cx, cy, r),
+                letter_box=(gx, gy, gx + GLYPH_W, gy + GLYPH_H),
+            )
+        )
+    arr = np.asarray(img, dtype=np.float32).copy()
+    for s in shapes:
+        gx, gy, _, _ = s.letter_box
+        ys, xs = np.nonzero(GLYPHS[s.letter])
+        arr[gy + ys, gx + xs] = INK_RGB[s.colour]
+    arr += rng.normal(0, 4.0, size=arr.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
+    return image, shapes, np.asarray(shape_map, dtype=np.uint8).copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Questions
+
+
+def _family_index(family: str) -> int:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return FAMILIES.index(family)
+
+
+def _combos(rng: np.random.Generator, kinds: list[str], first_colour: str | None, first_index: int) -> list[str] | None:
+    """Colours for the given kinds, with every (colour, kind) pair unique in the image."""
+    colours: list[str | None] = [None] * len(kinds)
+    used: set[tuple[str, str]] = set()
+    if first_colour is not None:
+        colours[first_index] = first_colour
+        used.add((first_colour, kinds[first_index]))
+    for i, k in enumerate(kinds):
+        if colours[i] is not None:
+            continue
+        options = [c for c in COLOURS if (c, k) not in used]
+        if not options:
+            return None
+        c = options[int(rng.integers(len(options)))]
+        colours[i] = c
+        used.add((c, k))
+    return colours  # type: ignore[return-value]
+
+
+def make_sample(seed: int, family: str, grid_aligned: bool = True) -> Sample:
+    """One sample, a pure function of (seed, family, grid_aligned).
+
+    grid_aligned: shape centres (and the letter glyphs on them) sit on HR patch centres (14 k + 7),
+    so each glyph lies inside one 14-px HR patch. False places shapes anywhere (harder to learn).
+    """
+    fam = _family_index(family)
+    rng = np.random.default_rng([int(seed), fam, int(grid_aligned)])
+
+    if family == "reading":
+        n = int(rng.integers(MIN_READ, MAX_READ + 1))
+        kind = "reading"
+    else:
+        n = int(rng.integers(MIN_SHAPES, MAX_SHAPES + 1))
+        kind = ("letter_of", "colour_of")[int(rng.integers(2))] if family == "attribute" else "spatial"
+
+    # Answer drawn first so answers are uniform over their choices.
+    answer_letter = LETTERS[int(rng.integers(len(LETTERS)))]
+    answer_colour = COLOURS[int(rng.integers(len(COLOURS)))]
+    answer_side = SPATIAL_ANSWERS[int(rng.integers(2))]
+
+    while True:
+        placements = _place_shapes(rng, n, grid_aligned, min_dx=READ_MIN_DX if kind == "reading" else 0)
+        if placements is None:
+            continue
+        kinds = [p[3] for p in placements]
+        target = int(rng.integers(n))
+        colours = _combos(rng, kinds, answer_colour if kind == "colour_of" else None, target)
+        if colours is None:
+            continue
+        others = [l for l in LETTERS if l != answer_letter]
+        perm = rng.permutation(len(others))[: n - 1]
+        letters = [others[int(j)] for j in perm]
+        letters.insert(target, answer_letter)
+        if kind == "spatial":
+            pairs = [
+                (i, j)
+                for i in range(n)
+                for j in range(n)
+                if i != j and placements[j][0] - placements[i][0] >= SPATIAL_MIN_DX
+                and _shape_box(*_p4(placements[i]))[2] <= _shape_box(*_p4(placements[j]))[0]
+            ]  # i is clearly left of j
+            if not pairs:
+                continue
+            left, right = pairs[int(rng.integers(len(pairs)))]
+            a, b = (left, right) if answer_side == "left" else (right, left)
+            targets = [a, b]
+        elif kind == "reading":
+            targets = sorted(range(n), key=lambda i: placements[i][0])
+        else:
+            targets = [target]
+        break
+
+    image, shapes, shape_map = render_scene(rng, placements, colours, letters)
+
+    if kind == "letter_of":
+        t = shapes[targets[0]]
+        question = QUESTION_TEMPLATES[kind].format(colour=t.colour, shape=t.kind)
+        answer = t.letter
+    elif kind == "colour_of":
+        t = shapes[targets[0]]
+        question = QUESTION_TEMPLATES[kind].format(letter=t.letter)
+        answer = t.colour
+    elif kind == "spatial":
+        question = QUESTION_TEMPLATES[kind].format(a=shapes[targets[0]].letter, b=shapes[targets[1]].letter)
+        answer = answer_side
+    else:
+        question = QUESTION_TEMPLATES[kind]
+        answer = " ".join(shapes[i].letter for i in targets)
+
+    return Sample(
+        image=image,
+        question=question,
+        answer=answer,
+        family=family,
+        target_boxes=[shapes[i].box for i in targets],
+        shapes=shapes,
+        seed=int(seed),
+        kind=kind,
+        targets=list(targets),
+        shape_map=shape_map,
+    )
+
+
+def _p4(p: tuple[int, int, int, str]) -> tuple[str, int, int, int]:
+    cx, cy, r, kind = p
+    return kind, cx, cy, r
+
+
+def make_split(
+    n: int, seed: int, families: tuple[str, ...] | list[str] = FAMILIES, grid_aligned: bool = True
+) -> list[Sample]:
+    """n samples with seeds seed, seed+1, ...; families taken round-robin (balanced)."""
+    families = tuple(families)
+    return [make_sample(seed + i, families[i % len(families)], grid_aligned) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Dense per-patch labels (vision-tower pretraining)
+
+
+def patch_labels(sample: Sample, grid: int = HR_GRID, min_cover: float = 0.5) -> dict[str, np.ndarray]:
+    """Per-patch targets on a grid x grid tiling of the HR image (24 -> 14-px HR patches,
+    8 -> 42-px patches = the LR view's 14-px patches).
+
+    Returns int64 (grid, grid) arrays, row-major (row = y), NONE (-1) where nothing applies:
+      letter  index into LETTERS of the glyph whose centre lies in the patch;
+      colour  index into COLOURS of the shape covering the patch: the shape whose centre lies in
+              it, else the shape covering >= min_cover of its pixels;
+      shape   index into SHAPES, same rule.
+    """
+    if HR_SIZE % grid:
+        raise ValueError(f"grid {grid} does not divide {HR_SIZE}")
+    p = HR_SIZE // grid
+    letter = np.full((grid, grid), NONE, dtype=np.int64)
+    colour = np.full((grid, grid), NONE, dtype=np.int64)
+    shape = np.full((grid, grid), NONE, dtype=np.int64)
+    smap = sample.shape_map
+    if smap is None:
+        raise ValueError("sample has no shape_map")
+    n = len(sample.shapes)
+    # Coverage per patch per shape: (grid, grid, n+1)
+    blocks = smap.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid, grid, p * p)
+    counts = np.stack([(blocks == k).sum(-1) for k in range(n + 1)], axis=-1)
+    best = counts[..., 1:].argmax(-1)
+    frac = counts[..., 1:].max(-1) / float(p * p) if n else np.zeros((grid, grid))
+    for r in range(grid):
+        for c in range(grid):
+            if n and frac[r, c] >= min_cover:
+                s = sample.shapes[int(best[r, c])]
+                colour[r, c] = COLOURS.index(s.colour)
+                shape[r, c] = SHAPES.index(s.kind)
+    for s in sample.shapes:
+        cx, cy = s.centre
+        r, c = cy // p, cx // p
+        colour[r, c] = COLOURS.index(s.colour)
+        shape[r, c] = SHAPES.index(s.kind)
+        gx0, gy0, gx1, gy1 = s.letter_box
+        lr, lc = ((gy0 + gy1 - 1) // 2) // p, ((gx0 + gx1 - 1) // 2) // p
+        letter[lr, lc] = LETTERS.index(s.letter)
+    return {"letter": letter, "colour": colour, "shape": shape}
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary and tokenizer
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word-level split used by the tokenizer: lowercase, words and single punctuation marks."""
+    return _WORD_RE.findall(text.lower())
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator or the LLaVA v1 prompt can produce (no special tokens), sorted."""
+    vocab: set[str] = set(words(PROMPT_TEXT))
+    for template in QUESTION_TEMPLATES.values():
+        vocab.update(w for w in words(re.sub(r"\{\w+\}", " ", template)))
+    vocab.update(LETTERS, COLOURS, SHAPES, SPATIAL_ANSWERS)
+    return sorted(vocab)
+
+
+def build_tokenizer(out_dir: str | Path | None = None):
+    """Word-level `PreTrainedTokenizerFast` over `vocabulary()`; saved to out_dir if given.
+
+    ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, 4 <image>, then the words in sorted order.
+    Encoding lowercases, splits on whitespace and punctuation ("ASSISTANT:" -> "assistant", ":")
+    and prepends <s>. Decoding joins words with single spaces.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in vocabulary():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+        padding_side="right",
+    )
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def label_lists() -> dict[str, list[str]]:
+    return {"letters": list(LETTERS), "colours": list(COLOURS), "shapes": list(SHAPES), "families": list(FAMILIES)}
+
+
+def save_split(samples: list[Sample], out_dir: str | Path) -> None:
+    """Write images (PNG) and a metadata.jsonl to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metadata.jsonl", "w") as f:
+        for s in samples:
+            name = f"{s.family}_{s.seed}.png"
+            s.image.save(out / name)
+            f.write(json.dumps({"image": name, **s.to_dict()}) + "\n")

@@ -1,0 +1,109 @@
+"""A small per-call trace of what FlexAttention did: grids, never full attention tensors.
+
+For each pass (pass 0 = prefill, which produces the first answer token; pass k produces token k) and each layer:
+  * `lr_attention` (g x g): the query row's softmax attention over the LR image tokens, summed over heads;
+  * `selected` (G x G bool): the HR mask this layer computed from that map (drives the next layer), or None;
+  * `hr_attention` (G x G): the query row's attention on HR tokens at this layer, summed over heads, or None;
+  * `hr_attended`: how many HR tokens this layer's query attended (the previous layer's selection).
+A 7B trace for one token is ~32 x (24x24 + 2 x 72x72) small numbers, not the tens of GB of full attentions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LayerTrace:
+    layer: int
+    lr_attention: np.ndarray  # (g, g) float32
+    hr_attended: int = 0
+    hr_attention_share: float = 0.0  # mean over heads of the attention mass on HR tokens
+    hr_attention: np.ndarray | None = None  # (G, G) float32
+    selected: np.ndarray | None = None  # (G, G) bool, computed at this layer
+
+    @property
+    def selected_count(self) -> int:
+        return int(self.selected.sum()) if self.selected is not None else 0
+
+
+@dataclass
+class Trace:
+    lr_grid: int
+    hr_grid: int
+    selection_layer: int
+    passes: list[list[LayerTrace]] = field(default_factory=list)  # passes[token][layer]
+
+    def layer(self, token: int, layer: int) -> LayerTrace:
+        return self.passes[token][layer]
+
+    def hr_attended_per_layer(self, token: int = 0) -> list[int]:
+        return [lt.hr_attended for lt in self.passes[token]] if self.passes else []
+
+    def used_mask(self, token: int, layer: int) -> np.ndarray | None:
+        """The HR mask that `layer` attended with (computed by the layer before it)."""
+        if layer <= self.selection_layer:
+            return None
+        return self.passes[token][layer - 1].selected
+
+
+class TraceRecorder:
+    """Collects per-layer records during a call; `finish()` turns them into a numpy Trace.
+
+    `max_passes` bounds memory for long answers (None: every generated token).
+    """
+
+    def __init__(self, lr_grid: int, hr_grid: int, selection_layer: int, max_passes: int | None = None):
+        self.lr_grid, self.hr_grid, self.selection_layer = lr_grid, hr_grid, selection_layer
+        self.max_passes = max_passes
+        self._records: dict[tuple[int, int], dict] = {}
+
+    def _active(self, state) -> bool:
+        return self.max_passes is None or state.pass_index < self.max_passes
+
+    def record(self, state, layer: int, lr_map: torch.Tensor, hr_probs: torch.Tensor | None) -> None:
+        if not self._active(state):
+            return
+        entry = {"lr": lr_map[0, -1].detach().float().cpu()}
+        if hr_probs is not None:
+            used = state.hr_mask[0].any(0)  # the columns _hr_keys_values kept (all of them when batched)
+            per_token = hr_probs[0, :, -1].detach().float().sum(0)  # summed over heads
+            full = per_token
+            if per_token.numel() != used.numel():
+                full = torch.zeros(used.numel(), device=per_token.device)
+                full[used] = per_token
+            entry["hr"] = full.cpu()
+            entry["hr_attended"] = int(state.hr_mask[0, -1].sum())
+            entry["hr_share"] = float(per_token.sum()) / hr_probs.shape[1]
+        self._records[(state.pass_index, layer)] = entry
+
+    def record_selection(self, state, layer: int, mask: torch.Tensor) -> None:
+        if self._active(state):
+            self._records[(state.pass_index, layer)]["selected"] = mask[0, -1].cpu()
+
+    def finish(self) -> Trace:
+        trace = Trace(self.lr_grid, self.hr_grid, self.selection_layer)
+        if not self._records:
+            return trace
+        n_pass = max(p for p, _ in self._records) + 1
+        n_layer = max(l for _, l in self._records) + 1
+        g, G = self.lr_grid, self.hr_grid
+        for p in range(n_pass):
+            layers = []
+            for l in range(n_layer):
+                e = self._records[(p, l)]
+                layers.append(
+                    LayerTrace(
+                        layer=l,
+                        lr_attention=e["lr"].reshape(g, g).numpy(),
+                        hr_attended=e.get("hr_attended", 0),
+                        hr_attention_share=e.get("hr_share", 0.0),
+                        hr_attention=e["hr"].reshape(G, G).numpy() if "hr" in e else None,
+                        selected=e["selected"].reshape(G, G).numpy() if "selected" in e else None,
+                    )
+                )
+            trace.passes.append(layers)
+        return trace
