@@ -179,8 +179,9 @@ def _hr_keys_values(module, state: FlexState, hr_mask: torch.Tensor):
         hr_mask = hr_mask[:, :, keep]
     b, m, _ = hr.shape
     d = module.head_dim
-    keys = module.k_proj_hd(hr).view(b, m, -1, d).transpose(1, 2)
-    values = module.v_proj_hd(hr).view(b, m, -1, d).transpose(1, 2)
+    kv_heads = module.k_proj_hd.out_features // d  # explicit: m may be 0 when nothing is selected
+    keys = module.k_proj_hd(hr).view(b, m, kv_heads, d).transpose(1, 2)
+    values = module.v_proj_hd(hr).view(b, m, kv_heads, d).transpose(1, 2)
     keys = keys * cos + rotate_half(keys) * sin  # rotary on keys only, positions from the LR grid
     bias = torch.zeros(hr_mask.shape, dtype=keys.dtype, device=keys.device)
     bias = bias.masked_fill(~hr_mask, torch.finfo(keys.dtype).min)[:, None]

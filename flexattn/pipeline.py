@@ -72,11 +72,14 @@ class Answer:
 
 
 class _Timer(BaseStreamer):
-    """Timestamps each token `generate` emits (the first put is the prompt), then forwards to another streamer."""
+    """Timestamps each token `generate` emits, then forwards to another streamer.
+
+    `times[0]` is when generation started (generate's first put is the prompt); `times[k]` is when token k-1 came.
+    """
 
     def __init__(self, inner: BaseStreamer | None):
         self.inner = inner
-        self.times = [time.perf_counter()]
+        self.times: list[float] = []
 
     def put(self, value):
         self.times.append(time.perf_counter())
@@ -133,6 +136,40 @@ class FlexVLM:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return prepared
+
+    def prompt_embeds(self, prepared: PreparedImage, question: str, history=()) -> tuple[torch.Tensor, int]:
+        """(1, T, D) input embeddings of the v1 prompt with the LR features in place of <image>, and where they start."""
+        ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, history))
+        embed = self.model.get_input_embeddings()
+        device = embed.weight.device
+        with torch.inference_mode():
+            embeds = torch.cat(
+                [
+                    embed(torch.tensor(ids_before, device=device)),
+                    prepared.lr_features.to(embed.weight.dtype),
+                    embed(torch.tensor(ids_after, device=device)),
+                ]
+            )
+        return embeds[None], len(ids_before)
+
+    def flex_state(self, prepared: PreparedImage, mode: str, settings: FlexSettings, image_start: int,
+                   recorder: TraceRecorder | None = None) -> FlexState:
+        """The per-call state for one generation over `prepared` with the prompt's image at `image_start`."""
+        g, G = prepared.lr_grid, prepared.hr_grid
+        hr_cos = hr_sin = None
+        if mode != "lowres":
+            hr_cos, hr_sin = self.model.hr_rotary_tables(image_start, g, G)
+        return FlexState(
+            mode=mode,
+            settings=settings,
+            image_start=image_start,
+            lr_grid=g,
+            hr_features=prepared.hr_features[None] if mode != "lowres" else None,
+            hr_cos=hr_cos,
+            hr_sin=hr_sin,
+            original_sizes=[prepared.views.original_size],
+            recorder=recorder,
+        )
 
     # ---- answering ---------------------------------------------------------------------------------------
     def answer(self, image, question: str, **options) -> Answer:
@@ -194,36 +231,13 @@ class FlexVLM:
             vision_start = time.perf_counter()
             prepared = self.prepare(image, highres=mode != "lowres", zoom=settings.zoom)
             vision_seconds = time.perf_counter() - vision_start  # ~0 when the image's features were cached
-            ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, history))
-            embed = self.model.get_input_embeddings()
+            inputs_embeds, image_start = self.prompt_embeds(prepared, question, history)
             device = self.device
-            with torch.inference_mode():
-                inputs_embeds = torch.cat(
-                    [
-                        embed(torch.tensor(ids_before, device=device)),
-                        prepared.lr_features.to(embed.weight.dtype),
-                        embed(torch.tensor(ids_after, device=device)),
-                    ]
-                )[None]
-            image_start = len(ids_before)
             g, G = prepared.lr_grid, prepared.hr_grid
             recorder = None
             if trace:
                 recorder = TraceRecorder(g, G, settings.selection_layer, None if trace is True else int(trace))
-            hr_cos = hr_sin = None
-            if mode != "lowres":
-                hr_cos, hr_sin = self.model.hr_rotary_tables(image_start, g, G)
-            state = FlexState(
-                mode=mode,
-                settings=settings,
-                image_start=image_start,
-                lr_grid=g,
-                hr_features=prepared.hr_features[None] if mode != "lowres" else None,
-                hr_cos=hr_cos,
-                hr_sin=hr_sin,
-                original_sizes=[prepared.views.original_size],
-                recorder=recorder,
-            )
+            state = self.flex_state(prepared, mode, settings, image_start, recorder)
             timer = _Timer(streamer)
             if seed is not None:
                 torch.manual_seed(seed)
