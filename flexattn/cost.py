@@ -73,10 +73,12 @@ def call_flops(
     hr_attended: Sequence[Sequence[int]] | None = None,
     selection_layer: int | None = None,
     zoom: int | None = None,
+    hr_crops: int | None = None,
 ) -> dict[str, int]:
     """FLOPs of one answer: prefill of `prompt_len` tokens (LR image included) and `new_tokens` - 1 decoding steps
     (the last generated token is never fed back). hr_attended[pass][layer] comes from the run (flex) or is
-    computed here (select_all: every HR token from layer S+1 on).
+    computed here (select_all: every HR token from layer S+1 on). `hr_crops` is how many of the zoom**2 HR crops
+    the vision tower encoded (fewer with lazy HR encoding; default all).
     """
     if mode not in COST_MODES:
         raise ValueError(f"unknown mode {mode!r}")
@@ -86,7 +88,7 @@ def call_flops(
     text = config.text_config
     v = config.vision_config
     hr_tokens = ((v.image_size // v.patch_size) * zoom) ** 2
-    n_images = 1 if mode == "lowres" else 1 + zoom * zoom
+    n_images = 1 if mode == "lowres" else 1 + (zoom * zoom if hr_crops is None else hr_crops)
     n_layers = text.num_hidden_layers
 
     extra_prompt = hr_tokens if mode == "naive_hd" else 0

@@ -17,6 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import CLIPImageProcessorPil
+
+# The released model was trained with the PIL-based CLIP processor; use that backend everywhere, so pixels are the
+# same with or without torchvision installed.
+ImageProcessor = CLIPImageProcessorPil
 
 # Larger inputs are refused before decoding (decompression-bomb guard). 64 MP covers any camera.
 MAX_PIXELS = 64_000_000
@@ -109,9 +114,9 @@ class ImageViews:
     zoom: int
 
 
-def make_views(image: Image.Image, processor, lowres_size: int, zoom: int) -> ImageViews:
-    """Pad, process once at HR size, derive the LR view and the zoom x zoom HR crops."""
-    highres_size = lowres_size * zoom
+def make_views(image: Image.Image, processor, lowres_size: int, zoom: int, highres_size: int | None = None) -> ImageViews:
+    """Pad, process once at the HR size (default lowres_size * zoom), derive the LR view and the zoom x zoom crops."""
+    highres_size = highres_size or lowres_size * zoom
     padded = pad_to_square(image, mean_colour(processor))
     pixels = processor(
         images=padded,

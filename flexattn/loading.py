@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -28,6 +27,7 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
+from .image import ImageProcessor
 from .modeling import FlexLlavaForConditionalGeneration
 from .settings import FlexSettings
 
@@ -55,7 +55,7 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     model: FlexLlavaForConditionalGeneration
     tokenizer: object
-    processor: CLIPImageProcessor
+    processor: ImageProcessor
     name: str
     layout: str  # "released" or "transformers"
     untrained_hr: bool
@@ -144,7 +144,7 @@ def _load_transformers_layout(name: str, raw: dict, dtype) -> LoadedModel:
     if untrained:
         model.config.flex_attention = {**model.config.flex_attention, "untrained_hr_projections": True}
     tokenizer = AutoTokenizer.from_pretrained(name)
-    processor = CLIPImageProcessor.from_pretrained(name)
+    processor = ImageProcessor.from_pretrained(name)
     return LoadedModel(model, tokenizer, processor, name, "transformers", untrained)
 
 
@@ -194,9 +194,9 @@ def _load_released_layout(name: str, raw: dict, dtype) -> LoadedModel:
     _check_missing(name, missing, allowed=())
     tokenizer = AutoTokenizer.from_pretrained(name)
     try:
-        processor = CLIPImageProcessor.from_pretrained(name)
+        processor = ImageProcessor.from_pretrained(name)
     except OSError:
-        processor = CLIPImageProcessor.from_pretrained(tower)
+        processor = ImageProcessor.from_pretrained(tower)
     return LoadedModel(model, tokenizer, processor, name, "released", False)
 
 

@@ -121,14 +121,15 @@ class FlexVLM:
         image = image.image if isinstance(image, PreparedImage) else load_image(image)
         s = self.settings
         zoom = zoom or s.zoom
-        key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, s.lowres_size, zoom)
+        hr_size = s.hr_size if zoom == s.zoom else s.lowres_size * zoom
+        key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, s.lowres_size, hr_size, zoom)
         prepared = self._cache.get(key)
         if prepared is not None and (prepared.hr_features is not None or not highres):
             self._cache.move_to_end(key)
             return prepared
         start = time.perf_counter()
         with torch.inference_mode():
-            views = prepared.views if prepared else make_views(image, self.processor, s.lowres_size, zoom)
+            views = prepared.views if prepared else make_views(image, self.processor, s.lowres_size, zoom, hr_size)
             lr, hr = self.model.encode_views(views, highres=highres)
         g = int(round(lr.shape[0] ** 0.5))
         prepared = PreparedImage(image, views, lr, hr, g, encode_seconds=time.perf_counter() - start)

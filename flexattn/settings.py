@@ -61,7 +61,8 @@ class FlexSettings:
         """
         lowres = int(extra.get("lowres_size", 336))
         zoom = int(extra.get("zoom_ratio", 3))
-        highres = int(extra["highres_size"]) if "highres_size" in extra else None
+        highres = int(extra.get("highres_size", lowres * zoom))
+        highres = None if highres == lowres * zoom else highres  # canonical: None means lowres * zoom
         return cls(
             lowres_size=lowres,
             zoom=zoom,

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, CLIPVisionModel, PreTrainedTokenizerFast
+from transformers import CLIPVisionModel, PreTrainedTokenizerFast
 
+from flexattn.image import ImageProcessor
 from flexattn.loading import LoadedModel
 from flexattn.modeling import FlexLlavaForConditionalGeneration
 from flexattn.pipeline import FlexVLM
@@ -55,7 +56,7 @@ def make_model(seed: int = 0, **config_kwargs) -> FlexLlavaForConditionalGenerat
 def make_vlm(seed: int = 0, **config_kwargs) -> FlexVLM:
     model = make_model(seed, **config_kwargs)
     tok = make_tokenizer(model.config.text_config.vocab_size)
-    return FlexVLM(LoadedModel(model, tok, CLIPImageProcessor(), "tiny", "transformers", False))
+    return FlexVLM(LoadedModel(model, tok, ImageProcessor(), "tiny", "transformers", False))
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -143,3 +144,21 @@ def write_released_checkpoint(vlm: FlexVLM, path: Path, tower_inside: bool) -> P
 def tmp_checkpoints(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def write_sentencepiece_tokenizer(path: Path, vocab_size: int) -> None:
+    """A LLaMA-style sentencepiece tokenizer (tokenizer.model), as the released 7B checkpoint ships."""
+    import sentencepiece as spm
+
+    corpus = path / "corpus.txt"
+    corpus.write_text(("a chat between a curious human and an artificial intelligence assistant . " + " ".join(WORDS) + "\n") * 20)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+    )
+    corpus.unlink()
+    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+    }))

@@ -1,0 +1,51 @@
+"""`python -m flexattn answer` prints one JSON object; bad inputs give one clear error line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import make_vlm, random_image, write_transformers_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    vlm = make_vlm(seed=5, num_layers=4, selection_layer=1, lowres_size=56, threshold=80)
+    return write_transformers_checkpoint(vlm, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "flexattn", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_answer_json(checkpoint, tmp_path):
+    image = tmp_path / "wide.png"
+    random_image(120, 60).save(image)
+    out = run_cli("answer", "--model", str(checkpoint), "--image", str(image), "--question", "what is this ?",
+                  "--mode", "flex", "--max-new-tokens", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["mode"] == "flex" and isinstance(result["answer"], str)
+    assert result["stats"]["lr_tokens"] == 16 and result["stats"]["hr_tokens"] == 144
+    layers = result["layers"]
+    assert [entry["layer"] for entry in layers] == [0, 1, 2, 3]
+    assert all(entry["selected_hr_tokens"] == 0 for entry in layers[:1])
+    assert layers[2]["hr_attended"] == layers[1]["selected_hr_tokens"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "/no/such.png", "--question", "what ?"], "image file not found"),
+        (["--question", "   "], "question is empty"),
+    ],
+)
+def test_answer_errors_are_one_line(checkpoint, tmp_path, args, message):
+    image = tmp_path / "ok.png"
+    random_image(40, 40).save(image)
+    full = ["answer", "--model", str(checkpoint), "--image", str(image), "--question", "what ?"] + args
+    out = run_cli(*full)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {out.stderr.strip().removeprefix('error: ')}"
+    assert message in out.stderr and out.stderr.strip().count("\n") == 0  # checked before any model load
