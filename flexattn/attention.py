@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from .hr_features import HRFeatures
 from .settings import FlexSettings, check_mode
 
 ATTN_IMPLEMENTATION = "flexattn"
@@ -80,7 +81,8 @@ class FlexState:
         settings: thresholds, layers and sizes (see FlexSettings).
         image_start: index of the first LR image token in the sequence (same for every batch row).
         lr_grid: g, the LR token grid side.
-        hr_features: (B, G*G, D) projected HR features, row-major, or None in lowres mode.
+        hr_features: HRFeatures of one image (inference; crops may be encoded lazily), or a (B, G*G, D) tensor of
+            projected HR features, row-major (training); None in lowres mode.
         hr_cos, hr_sin: (G*G, head_dim) interpolated rotary tables for the HR keys.
         original_sizes: per batch row, the (width, height) of the image before padding to square.
         rows: (B, R) query rows that see HR; None means the last row of each pass (inference).
@@ -95,7 +97,7 @@ class FlexState:
         settings: FlexSettings,
         image_start: int,
         lr_grid: int,
-        hr_features: torch.Tensor | None = None,
+        hr_features: HRFeatures | torch.Tensor | None = None,
         hr_cos: torch.Tensor | None = None,
         hr_sin: torch.Tensor | None = None,
         original_sizes: list[tuple[int, int]] | None = None,
@@ -173,9 +175,10 @@ def _hr_keys_values(module, state: FlexState, hr_mask: torch.Tensor):
     """Keys/values of the HR tokens the rows may attend to, plus a (B, 1, R, M) additive mask over them."""
     hr = state.hr_features
     cos, sin = state.hr_cos, state.hr_sin
-    if hr.shape[0] == 1:  # inference: project only the selected tokens (the union over rows)
+    if isinstance(hr, HRFeatures) or hr.shape[0] == 1:  # inference: only the selected tokens (union over rows)
         keep = hr_mask[0].any(0).nonzero().squeeze(1)
-        hr, cos, sin = hr[:, keep], cos[keep], sin[keep]
+        hr = hr.gather(keep)[None] if isinstance(hr, HRFeatures) else hr[:, keep]
+        cos, sin = cos[keep], sin[keep]
         hr_mask = hr_mask[:, :, keep]
     b, m, _ = hr.shape
     d = module.head_dim

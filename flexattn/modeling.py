@@ -13,7 +13,8 @@ from transformers import LlavaForConditionalGeneration
 
 from . import attention  # noqa: F401  (registers the "flexattn" attention implementation)
 from .attention import FlexState, interpolate_rotary
-from .image import ImageViews, stitch_grids
+from .hr_features import HRFeatures
+from .image import ImageViews
 from .settings import FlexSettings
 
 
@@ -56,12 +57,16 @@ class FlexLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         ).pooler_output
         return torch.stack(list(features))
 
-    def encode_views(self, views: ImageViews, highres: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """LR features (g*g, D) and, if asked, the stitched HR features (G*G, D) of one image."""
-        if not highres:
-            return self.encode_pixels(views.lowres)[0], None
-        features = self.encode_pixels(torch.cat([views.lowres, views.highres_crops]))
-        return features[0], stitch_grids(features[1:], views.zoom)
+    def encode_lowres(self, views: ImageViews) -> torch.Tensor:
+        """LR features (g*g, D) of one image."""
+        return self.encode_pixels(views.lowres)[0]
+
+    def highres_features(self, views: ImageViews, lr_grid: int) -> HRFeatures:
+        """The image's HR features, encoded crop by crop on demand (call `.full()` to encode them all)."""
+        return HRFeatures(
+            views.highres_crops, views.zoom, lr_grid, self.encode_pixels,
+            dim=self.config.text_config.hidden_size, dtype=self.dtype, device=self.device,
+        )
 
     def hr_rotary_tables(self, image_start: int, lr_grid: int, hr_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos/sin for the HR keys: the LR image positions' tables, bicubically resized to the HR grid."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import time
@@ -24,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from . import cost
 from .attention import FlexState
+from .hr_features import HRFeatures
 from .image import ImageViews, load_image, make_views
 from .loading import LoadedModel, load
 from .prompt import check_question, conversation, tokenize_around_image
@@ -40,13 +42,18 @@ class PreparedImage:
     image: Image.Image
     views: ImageViews
     lr_features: torch.Tensor  # (g*g, D)
-    hr_features: torch.Tensor | None  # (G*G, D); None until a mode needs it
+    hr: HRFeatures  # encoded crop by crop: all at once, or lazily as selections touch them
     lr_grid: int
-    encode_seconds: float = 0.0
+    prompt_cache: tuple | None = None  # (prompt token key, KV cache of all but its last token) of the last call
 
     @property
     def hr_grid(self) -> int:
         return self.lr_grid * self.views.zoom
+
+    @property
+    def hr_features(self) -> torch.Tensor:
+        """(G*G, D), encoding every crop not encoded yet."""
+        return self.hr.full()
 
 
 @dataclass
@@ -92,7 +99,7 @@ class _Timer(BaseStreamer):
 
 
 class FlexVLM:
-    def __init__(self, loaded: LoadedModel, cache_size: int = 4):
+    def __init__(self, loaded: LoadedModel, cache_size: int = 4, lazy_hr: bool = False, reuse_prefix: bool = True):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
@@ -101,11 +108,13 @@ class FlexVLM:
         self.untrained_hr = loaded.untrained_hr
         self._cache: OrderedDict[tuple, PreparedImage] = OrderedDict()
         self._cache_size = cache_size
+        self.reuse_prefix = reuse_prefix  # follow-ups reuse the KV cache of the unchanged prompt prefix
+        self.lazy_hr = lazy_hr  # encode HR crops only when a selection touches them (same outputs, less vision)
         self._lock = threading.Lock()  # one generation at a time per model (state is per call; the GPU is not)
 
     @classmethod
-    def load(cls, name=None, device=None, dtype=None) -> "FlexVLM":
-        return cls(load(name, device=device, dtype=dtype))
+    def load(cls, name=None, device=None, dtype=None, **options) -> "FlexVLM":
+        return cls(load(name, device=device, dtype=dtype), **options)
 
     @property
     def settings(self) -> FlexSettings:
@@ -116,24 +125,25 @@ class FlexVLM:
         return self.model.device
 
     # ---- images ------------------------------------------------------------------------------------------
-    def prepare(self, image, highres: bool = True, zoom: int | None = None) -> PreparedImage:
-        """Load, view and encode an image (cached by content), HR features included when `highres`."""
+    def prepare(self, image, highres: bool = True, zoom: int | None = None, lazy: bool = False) -> PreparedImage:
+        """Load, view and encode an image (cached by content). With `highres` and not `lazy`, every HR crop is
+        encoded now; otherwise HR crops are encoded when a selection first touches them."""
         image = image.image if isinstance(image, PreparedImage) else load_image(image)
         s = self.settings
         zoom = zoom or s.zoom
         hr_size = s.hr_size if zoom == s.zoom else s.lowres_size * zoom
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, s.lowres_size, hr_size, zoom)
         prepared = self._cache.get(key)
-        if prepared is not None and (prepared.hr_features is not None or not highres):
-            self._cache.move_to_end(key)
-            return prepared
-        start = time.perf_counter()
         with torch.inference_mode():
-            views = prepared.views if prepared else make_views(image, self.processor, s.lowres_size, zoom, hr_size)
-            lr, hr = self.model.encode_views(views, highres=highres)
-        g = int(round(lr.shape[0] ** 0.5))
-        prepared = PreparedImage(image, views, lr, hr, g, encode_seconds=time.perf_counter() - start)
-        self._cache[key] = prepared
+            if prepared is None:
+                views = make_views(image, self.processor, s.lowres_size, zoom, hr_size)
+                lr = self.model.encode_lowres(views)
+                g = int(round(lr.shape[0] ** 0.5))
+                prepared = PreparedImage(image, views, lr, self.model.highres_features(views, g), g)
+                self._cache[key] = prepared
+            if highres and not lazy:
+                prepared.hr.full()
+        self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return prepared
@@ -141,6 +151,9 @@ class FlexVLM:
     def prompt_embeds(self, prepared: PreparedImage, question: str, history=()) -> tuple[torch.Tensor, int]:
         """(1, T, D) input embeddings of the v1 prompt with the LR features in place of <image>, and where they start."""
         ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, history))
+        return self._embed(prepared, ids_before, ids_after), len(ids_before)
+
+    def _embed(self, prepared: PreparedImage, ids_before: list[int], ids_after: list[int]) -> torch.Tensor:
         embed = self.model.get_input_embeddings()
         device = embed.weight.device
         with torch.inference_mode():
@@ -151,7 +164,7 @@ class FlexVLM:
                     embed(torch.tensor(ids_after, device=device)),
                 ]
             )
-        return embeds[None], len(ids_before)
+        return embeds[None]
 
     def flex_state(self, prepared: PreparedImage, mode: str, settings: FlexSettings, image_start: int,
                    recorder: TraceRecorder | None = None) -> FlexState:
@@ -165,12 +178,42 @@ class FlexVLM:
             settings=settings,
             image_start=image_start,
             lr_grid=g,
-            hr_features=prepared.hr_features[None] if mode != "lowres" else None,
+            hr_features=prepared.hr if mode != "lowres" else None,
             hr_cos=hr_cos,
             hr_sin=hr_sin,
             original_sizes=[prepared.views.original_size],
             recorder=recorder,
         )
+
+    # ---- prompt prefix reuse -----------------------------------------------------------------------------
+    # In every mode, all rows of a pass but the last get ordinary causal attention, so the keys/values of a
+    # prompt's tokens before its last one are exactly what a fresh prefill of any longer prompt sharing that prefix
+    # would compute. (The last prompt token and generated tokens saw HR: their cache entries are not reusable.)
+
+    @staticmethod
+    def _reusable_prefix(prepared: PreparedImage, key: tuple):
+        if prepared.prompt_cache is None:
+            return None
+        old_key, old_cache = prepared.prompt_cache
+        common = 0
+        for a, b in zip(old_key, key):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(old_key), len(key) - 1)  # feed at least the last prompt token afresh
+        if common <= key.index(-1) + prepared.lr_grid**2:  # not even past the image: nothing worth reusing
+            return None
+        cache = copy.deepcopy(old_cache)
+        cache.crop(common - cache.get_seq_length())
+        return cache
+
+    @staticmethod
+    def _keep_prefix(prepared: PreparedImage, key: tuple, cache) -> None:
+        if cache is None:
+            return
+        keep = len(key) - 1
+        cache.crop(keep - cache.get_seq_length())
+        prepared.prompt_cache = (key[:keep], cache)
 
     # ---- answering ---------------------------------------------------------------------------------------
     def answer(self, image, question: str, **options) -> Answer:
@@ -215,6 +258,8 @@ class FlexVLM:
         pool_size: int | None = None,
         zoom: int | None = None,
         trace: bool | int = True,
+        lazy_hr: bool | None = None,
+        reuse_prefix: bool | None = None,
         streamer: BaseStreamer | None = None,
     ) -> Answer:
         mode = check_mode(mode)
@@ -230,9 +275,16 @@ class FlexVLM:
 
         with self._lock:
             vision_start = time.perf_counter()
-            prepared = self.prepare(image, highres=mode != "lowres", zoom=settings.zoom)
+            lazy = self.lazy_hr if lazy_hr is None else lazy_hr
+            prepared = self.prepare(image, highres=mode != "lowres", zoom=settings.zoom, lazy=lazy)
             vision_seconds = time.perf_counter() - vision_start  # ~0 when the image's features were cached
-            inputs_embeds, image_start = self.prompt_embeds(prepared, question, history)
+            ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, history))
+            inputs_embeds = self._embed(prepared, ids_before, ids_after)
+            image_start = len(ids_before)
+            prompt_key = (*ids_before, *[-1] * prepared.lr_grid**2, *ids_after)
+            reuse = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+            cache = self._reusable_prefix(prepared, prompt_key) if reuse else None
+            reused = cache.get_seq_length() if cache is not None else 0
             device = self.device
             g, G = prepared.lr_grid, prepared.hr_grid
             recorder = None
@@ -252,8 +304,13 @@ class FlexVLM:
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                     streamer=timer,
                     flex_state=state,
+                    past_key_values=cache,
+                    return_dict_in_generate=True,
                     **sampling,
                 )
+            if reuse:
+                self._keep_prefix(prepared, prompt_key, output.past_key_values)
+        output = output.sequences
         token_ids = output[0].tolist()
         if token_ids and token_ids[-1] == self.tokenizer.eos_token_id:
             token_ids = token_ids[:-1]
@@ -261,9 +318,10 @@ class FlexVLM:
         passes = len(timer.times) - 1
         prompt_len = inputs_embeds.shape[1]
         attended = state.hr_attended(n_layers)
-        flops = cost.call_flops(
+        crops = prepared.hr.crops_encoded if mode != "lowres" else 0
+        flops = cost.call_flops(  # as a cold call: LR view + the HR crops this image needed so far
             self.model.config, mode, prompt_len, passes, attended, selection_layer=settings.selection_layer,
-            zoom=settings.zoom,
+            zoom=settings.zoom, hr_crops=crops,
         )
         times = timer.times
         decode = [b - a for a, b in zip(times[1:-1], times[2:])]
@@ -275,6 +333,8 @@ class FlexVLM:
             "generated_tokens": passes,
             "hr_attended_per_layer": attended[0] if attended else [],
             "hr_attended_mean": _mean_attended(attended, settings.selection_layer),
+            "hr_crops_encoded": crops,
+            "prefix_tokens_reused": reused,
             "latency_s": {
                 "vision": vision_seconds,
                 "prefill": times[1] - times[0] if passes else 0.0,

@@ -221,10 +221,49 @@ def test_stream_yields_text_then_answer(tiny_vlm):
 def test_hr_features_computed_once_per_image(tiny_vlm, monkeypatch):
     image = random_image(77, 55, seed=21)
     calls = []
-    original = tiny_vlm.model.encode_views
-    monkeypatch.setattr(tiny_vlm.model, "encode_views", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = tiny_vlm.model.encode_pixels
+    monkeypatch.setattr(tiny_vlm.model, "encode_pixels", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = tiny_vlm.answer(image, QUESTION, max_new_tokens=2)
     second = tiny_vlm.answer(image, "which colour is this ?", max_new_tokens=2,
                              history=[(QUESTION, first.text or "red")])
-    assert len(calls) == 1
+    assert len(calls) == 1 + 9  # LR view + each of the 3x3 HR crops, once
     assert second.stats["latency_s"]["vision"] < first.stats["latency_s"]["vision"]
+
+
+def test_lazy_hr_encoding_is_bit_identical_and_encodes_only_touched_crops():
+    vlm = make_vlm(seed=6, num_layers=5, selection_layer=2, lowres_size=84, threshold=230, pool_size=6)
+    image = random_image(96, 80, seed=13)
+    runs = {}
+    for lazy in (False, True):
+        vlm._cache.clear()
+        runs[lazy] = vlm.answer(image, QUESTION, mode="flex", max_new_tokens=5, lazy_hr=lazy)
+    eager, lazy = runs[False], runs[True]
+    assert lazy.token_ids == eager.token_ids
+    for pe, pl in zip(eager.trace.passes, lazy.trace.passes):
+        for le, ll in zip(pe, pl):
+            assert np.array_equal(le.lr_attention, ll.lr_attention)
+            if le.hr_attention is not None:
+                assert np.array_equal(le.hr_attention, ll.hr_attention)  # bit-identical, not merely close
+    assert eager.stats["hr_crops_encoded"] == 9
+    assert 0 < lazy.stats["hr_crops_encoded"] < 9
+    assert lazy.stats["flops"]["vision"] < eager.stats["flops"]["vision"]
+
+
+@pytest.mark.parametrize("mode", ["lowres", "flex", "select_all"])
+def test_follow_up_reuses_prompt_prefix_with_identical_answers(mode):
+    vlm = make_vlm(seed=7, num_layers=4, selection_layer=1, lowres_size=84, threshold=100)
+    image = random_image(88, 66, seed=17)
+    first = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=4)
+    history = [(QUESTION, first.text)]
+    warm = vlm.answer(image, "which colour is this ?", mode=mode, max_new_tokens=4, history=history)
+    cold = vlm.answer(image, "which colour is this ?", mode=mode, max_new_tokens=4, history=history,
+                      reuse_prefix=False)
+    assert first.stats["prefix_tokens_reused"] == 0
+    assert warm.stats["prefix_tokens_reused"] == first.stats["prompt_tokens"] - 1
+    assert cold.stats["prefix_tokens_reused"] == 0
+    assert warm.token_ids == cold.token_ids
+    for pw, pc in zip(warm.trace.passes, cold.trace.passes):
+        for lw, lc in zip(pw, pc):
+            assert (lw.selected is None) == (lc.selected is None)
+            if lw.selected is not None:
+                assert np.array_equal(lw.selected, lc.selected)

@@ -61,7 +61,8 @@ def test_naive_hd_cost_matches_flop_counter(vlm):
     naive = torch.cat([embeds[:, :start], prepared.hr_features[None], embeds[:, start:]], dim=1)
 
     def run():
-        vlm.model.encode_views(prepared.views)
+        vlm.model.encode_lowres(prepared.views)
+        vlm.model.highres_features(prepared.views, prepared.lr_grid).full()
         vlm.model(inputs_embeds=naive, logits_to_keep=1)
 
     measured = counted(run)
