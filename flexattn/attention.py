@@ -87,6 +87,8 @@ class FlexState:
         original_sizes: per batch row, the (width, height) of the image before padding to square.
         rows: (B, R) query rows that see HR; None means the last row of each pass (inference).
         recorder: optional trace recorder (flexattn.trace.TraceRecorder).
+        planted_selection: optional (G*G,) bool mask that flex mode selects at every selecting layer instead of the
+            attention-driven one: for cost runs of random-weight models, which would select nearly everything.
         keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
     """
 
@@ -104,6 +106,7 @@ class FlexState:
         rows: torch.Tensor | None = None,
         recorder=None,
         keep_lr_maps: bool = False,
+        planted_selection: torch.Tensor | None = None,
     ):
         self.mode = check_mode(mode)
         if self.mode != "lowres" and hr_features is None:
@@ -118,6 +121,7 @@ class FlexState:
         self.rows = rows
         self.recorder = recorder
         self.keep_lr_maps = keep_lr_maps
+        self.planted_selection = planted_selection
         self.lr_maps: list[tuple[int, torch.Tensor]] = []
         self.pass_index = -1
         self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
@@ -147,6 +151,8 @@ class FlexState:
         b, r = lr_map.shape[:2]
         if self.mode == "select_all":
             return torch.ones(b, r, self.hr_grid**2, dtype=torch.bool, device=lr_map.device)
+        if self.planted_selection is not None:
+            return self.planted_selection.to(lr_map.device).expand(b, r, -1)
         s = self.settings
         masks = [
             select_hr_tokens(lr_map[i], self.original_sizes[i], s.threshold, s.pool_size, self.hr_grid)

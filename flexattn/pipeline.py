@@ -167,7 +167,7 @@ class FlexVLM:
         return embeds[None]
 
     def flex_state(self, prepared: PreparedImage, mode: str, settings: FlexSettings, image_start: int,
-                   recorder: TraceRecorder | None = None) -> FlexState:
+                   recorder: TraceRecorder | None = None, planted_selection=None) -> FlexState:
         """The per-call state for one generation over `prepared` with the prompt's image at `image_start`."""
         g, G = prepared.lr_grid, prepared.hr_grid
         hr_cos = hr_sin = None
@@ -183,6 +183,7 @@ class FlexVLM:
             hr_sin=hr_sin,
             original_sizes=[prepared.views.original_size],
             recorder=recorder,
+            planted_selection=planted_selection,
         )
 
     # ---- prompt prefix reuse -----------------------------------------------------------------------------
@@ -260,6 +261,7 @@ class FlexVLM:
         trace: bool | int = True,
         lazy_hr: bool | None = None,
         reuse_prefix: bool | None = None,
+        planted_selection: torch.Tensor | None = None,
         streamer: BaseStreamer | None = None,
     ) -> Answer:
         mode = check_mode(mode)
@@ -290,7 +292,7 @@ class FlexVLM:
             recorder = None
             if trace:
                 recorder = TraceRecorder(g, G, settings.selection_layer, None if trace is True else int(trace))
-            state = self.flex_state(prepared, mode, settings, image_start, recorder)
+            state = self.flex_state(prepared, mode, settings, image_start, recorder, planted_selection)
             timer = _Timer(streamer)
             if seed is not None:
                 torch.manual_seed(seed)

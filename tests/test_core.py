@@ -267,3 +267,16 @@ def test_follow_up_reuses_prompt_prefix_with_identical_answers(mode):
             assert (lw.selected is None) == (lc.selected is None)
             if lw.selected is not None:
                 assert np.array_equal(lw.selected, lc.selected)
+
+
+def test_planted_selection_replaces_attention_driven_masks(tiny_vlm):
+    G = 18
+    planted = torch.zeros(G * G, dtype=torch.bool)
+    planted[: G * 3] = True  # the top three HR rows
+    got = tiny_vlm.answer(random_image(70, 70, seed=2), QUESTION, max_new_tokens=3, planted_selection=planted)
+    S = tiny_vlm.settings.selection_layer
+    for layers in got.trace.passes:
+        for lt in layers[S:]:
+            assert np.array_equal(lt.selected.flatten(), planted.numpy())
+        for lt in layers[S + 1 :]:
+            assert lt.hr_attended == G * 3
