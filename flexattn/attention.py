@@ -86,6 +86,7 @@ class FlexState:
         hr_cos, hr_sin: (G*G, head_dim) interpolated rotary tables for the HR keys.
         original_sizes: per batch row, the (width, height) of the image before padding to square.
         rows: (B, R) query rows that see HR; None means the last row of each pass (inference).
+        row_valid: (B, R) bool, False for padding entries of `rows` (batches whose rows differ in number).
         recorder: optional trace recorder (flexattn.trace.TraceRecorder).
         planted_selection: optional (G*G,) bool mask that flex mode selects at every selecting layer instead of the
             attention-driven one: for cost runs of random-weight models, which would select nearly everything.
@@ -104,6 +105,7 @@ class FlexState:
         hr_sin: torch.Tensor | None = None,
         original_sizes: list[tuple[int, int]] | None = None,
         rows: torch.Tensor | None = None,
+        row_valid: torch.Tensor | None = None,
         recorder=None,
         keep_lr_maps: bool = False,
         planted_selection: torch.Tensor | None = None,
@@ -119,6 +121,7 @@ class FlexState:
         self.hr_grid = lr_grid * settings.zoom
         self.original_sizes = original_sizes
         self.rows = rows
+        self.row_valid = row_valid
         self.recorder = recorder
         self.keep_lr_maps = keep_lr_maps
         self.planted_selection = planted_selection
@@ -239,8 +242,9 @@ def flex_attention_forward(
         hr_scores = (q_rows @ hr_keys.transpose(2, 3)) * scaling + hr_bias
         joint = F.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
         row_out = joint @ torch.cat([values, hr_values], dim=2)  # (B, H, R, d)
-        index = rows[:, :, None, None].expand(-1, -1, h, d)
-        output = output.scatter(1, index, row_out.transpose(1, 2).to(output.dtype))
+        valid = state.row_valid if state.row_valid is not None else torch.ones_like(rows, dtype=torch.bool)
+        bi, ri = valid.to(rows.device).nonzero(as_tuple=True)  # padding rows must not write (or get gradient) twice
+        output = output.index_put((bi, rows[bi, ri]), row_out.transpose(1, 2)[bi, ri].to(output.dtype))
         hr_probs = joint[..., kv_len:]
         state._attended[(state.pass_index, layer)] = state.hr_mask[0, -1].sum()
 

@@ -1,0 +1,141 @@
+"""Teacher-forced FlexAttention training on batches, through the same attention function as inference.
+
+At inference only the last row of a pass sees HR tokens; with teacher forcing every row that predicts an answer
+token is such a "last row", so the training forward marks exactly those rows (`FlexState.rows`). Each gets its
+own selection from its own LR attention, layer by layer, as it would while decoding. The threshold makes that
+selection non-differentiable, so an auxiliary loss pulls each answering row's head-summed LR attention (at the
+selecting layers) onto the cells of the region the answer needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import FlexState
+from .prompt import conversation, tokenize_around_image
+from .settings import FlexSettings
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) text ids; image positions hold pad
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE outside answers
+    rows: torch.Tensor  # (B, R) positions that predict answer tokens (padded by repeating the last one)
+    row_valid: torch.Tensor  # (B, R) bool, False on padding
+    image_start: int
+    target_cells: torch.Tensor | None  # (B, R, g, g) bool: LR cells each row should look at
+
+
+def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+    """(ids before image, ids after image, answer ids + EOS) for the v1 prompt."""
+    before, after = tokenize_around_image(tokenizer, conversation(question))
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return before, after, answer_ids
+
+
+def collate(tokenizer, examples, lr_grid: int, row_targets=None) -> Batch:
+    """examples: (question, answer) pairs; row_targets[i][k]: (g, g) bool cells the row predicting answer token k
+    should attend to (or None); the row predicting EOS may be given one too."""
+    encoded = [encode_example(tokenizer, q, a) for q, a in examples]
+    starts = {len(before) for before, _, _ in encoded}
+    if len(starts) != 1:
+        raise ValueError("every prompt in a batch must put the image at the same position")
+    image_start = starts.pop()
+    n_img = lr_grid * lr_grid
+    pad = tokenizer.pad_token_id
+    seqs, labels, rows = [], [], []
+    for before, after, answer in encoded:
+        ids = before + [pad] * n_img + after + answer
+        prompt_len = len(ids) - len(answer)
+        seqs.append(ids)
+        labels.append([IGNORE] * prompt_len + answer)
+        rows.append(list(range(prompt_len - 1, len(ids) - 1)))  # row t predicts token t + 1
+    length = max(map(len, seqs))
+    width = max(map(len, rows))
+    input_ids = torch.full((len(seqs), length), pad)
+    label_t = torch.full((len(seqs), length), IGNORE)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    row_t = torch.zeros((len(seqs), width), dtype=torch.long)
+    valid = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (ids, lab, r) in enumerate(zip(seqs, labels, rows)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        label_t[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+        row_t[i] = torch.tensor(r + [r[-1]] * (width - len(r)))
+        valid[i, : len(r)] = True
+    cells = None
+    if row_targets is not None:  # padding rows keep no target, so they add nothing to the attention loss
+        cells = torch.zeros(len(seqs), width, lr_grid, lr_grid, dtype=torch.bool)
+        for i, per_row in enumerate(row_targets):
+            for k, target in enumerate(per_row[: len(rows[i])]):
+                if target is not None:
+                    cells[i, k] = torch.as_tensor(target, dtype=torch.bool)
+    return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells)
+
+
+def forward_loss(
+    model,
+    batch: Batch,
+    lr_features: torch.Tensor,
+    hr_features: torch.Tensor | None,
+    settings: FlexSettings,
+    original_sizes,
+    mode: str = "flex",
+    aux_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on answer tokens (+ aux_weight x attention loss). lr/hr_features: (B, g*g, D) / (B, G*G, D)."""
+    device = lr_features.device
+    g = int(round(lr_features.shape[1] ** 0.5))
+    embeds = model.get_input_embeddings()(batch.input_ids.to(device))
+    start = batch.image_start
+    embeds = torch.cat([embeds[:, :start], lr_features.to(embeds.dtype), embeds[:, start + g * g :]], dim=1)
+    hr_cos = hr_sin = None
+    if mode != "lowres":
+        hr_cos, hr_sin = model.hr_rotary_tables(start, g, g * settings.zoom)
+    state = FlexState(
+        mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features,
+        hr_cos=hr_cos, hr_sin=hr_sin, original_sizes=original_sizes, rows=batch.rows.to(device),
+        row_valid=batch.row_valid.to(device),
+        keep_lr_maps=aux_weight > 0,
+    )
+    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
+    labels = batch.labels.to(device)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    stats = {"ce": float(ce)}
+    loss = ce
+    if aux_weight > 0 and state.lr_maps and batch.target_cells is not None:
+        aux = attention_loss(state.lr_maps, batch.target_cells.to(device))
+        loss = loss + aux_weight * aux
+        stats["aux"] = float(aux)
+    return loss, stats
+
+
+def attention_loss(lr_maps, target_cells: torch.Tensor) -> torch.Tensor:
+    """Mean over selecting layers and rows of -log(share of the row's LR attention that falls on its target)."""
+    has_target = target_cells.flatten(2).any(-1)  # (B, R)
+    losses = []
+    for _, lr_map in lr_maps:
+        total = lr_map.flatten(2).sum(-1).clamp_min(1e-6)
+        on_target = (lr_map * target_cells).flatten(2).sum(-1)
+        losses.append(-torch.log(on_target / total + 1e-6)[has_target])
+    return torch.cat(losses).mean() if losses else torch.zeros(())
+
+
+def box_cells(box, image_size: tuple[int, int], lr_grid: int) -> torch.Tensor:
+    """(g, g) bool: LR cells covered by a pixel box (x0, y0, x1, y1) of the original image, after square padding."""
+    w, h = image_size
+    side = max(w, h)
+    ox, oy = (side - w) // 2, (side - h) // 2
+    x0, y0, x1, y1 = box
+    cell = side / lr_grid
+    c0, c1 = int((x0 + ox) // cell), int(min(lr_grid - 1, (x1 + ox - 1e-6) // cell))
+    r0, r1 = int((y0 + oy) // cell), int(min(lr_grid - 1, (y1 + oy - 1e-6) // cell))
+    cells = torch.zeros(lr_grid, lr_grid, dtype=torch.bool)
+    cells[r0 : r1 + 1, c0 : c1 + 1] = True
+    return cells

@@ -1,0 +1,86 @@
+"""Teacher-forced training forward == cached greedy decoding, row for row: the training path is the inference
+semantics, batched."""
+
+import torch
+
+from flexattn.training import attention_loss, box_cells, collate, forward_loss
+
+from .conftest import make_vlm, random_image
+
+QUESTIONS = ["what letter is on the red circle ?", "which colour is this ?"]
+
+
+def test_teacher_forced_rows_reproduce_cached_decoding():
+    vlm = make_vlm(seed=8, num_layers=4, selection_layer=1, lowres_size=84, threshold=100)
+    images = [random_image(90, 60, seed=1), random_image(60, 90, seed=2)]
+    decoded, prepared = [], []
+    for image, question, n in zip(images, QUESTIONS, (5, 3)):
+        got = vlm.answer(image, question, mode="flex", max_new_tokens=n)
+        decoded.append(got.token_ids)
+        prepared.append(vlm.prepare(image))
+    words = [[vlm.tokenizer.decode([t]).strip() for t in ids] for ids in decoded]
+    examples = [(q, " ".join(w)) for q, w in zip(QUESTIONS, words)]
+    batch = collate(vlm.tokenizer, examples, lr_grid=prepared[0].lr_grid)
+    lr = torch.stack([p.lr_features for p in prepared])
+    hr = torch.stack([p.hr_features for p in prepared])
+    sizes = [p.views.original_size for p in prepared]
+    with torch.no_grad():
+        loss, stats = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes)
+        # the same forward, returning logits at the answer rows
+        from flexattn.attention import FlexState
+
+        g = prepared[0].lr_grid
+        embeds = vlm.model.get_input_embeddings()(batch.input_ids)
+        s = batch.image_start
+        embeds = torch.cat([embeds[:, :s], lr, embeds[:, s + g * g :]], dim=1)
+        cos, sin = vlm.model.hr_rotary_tables(s, g, g * 3)
+        state = FlexState(mode="flex", settings=vlm.settings, image_start=s, lr_grid=g, hr_features=hr, hr_cos=cos,
+                          hr_sin=sin, original_sizes=sizes, rows=batch.rows, row_valid=batch.row_valid)
+        logits = vlm.model(inputs_embeds=embeds, attention_mask=batch.attention_mask, flex_state=state).logits
+    for i, ids in enumerate(decoded):
+        rows = batch.rows[i][batch.row_valid[i]]
+        predicted = logits[i, rows].argmax(-1).tolist()
+        assert predicted[: len(ids)] == ids  # the rows predicting each answer token pick the decoded token
+    assert torch.isfinite(loss) and stats["ce"] > 0
+
+
+def test_attention_loss_prefers_attention_on_target():
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    target[0, 0, 1, 2] = True
+    on = torch.full((1, 1, 4, 4), 0.01)
+    on[0, 0, 1, 2] = 1.0
+    off = torch.full((1, 1, 4, 4), 0.01)
+    off[0, 0, 3, 3] = 1.0
+    assert attention_loss([(2, on)], target) < attention_loss([(2, off)], target)
+
+
+def test_box_cells_account_for_square_padding():
+    # 200x100 image padded to 200x200: y offset 50; LR grid 4 -> 50 px cells.
+    cells = box_cells((0, 0, 40, 40), (200, 100), 4)
+    assert cells.nonzero().tolist() == [[1, 0]]
+    cells = box_cells((120, 60, 190, 99), (200, 100), 4)
+    assert cells.nonzero().tolist() == [[2, 2], [2, 3]]
+
+
+def test_training_step_reduces_loss_and_trains_hr_projections():
+    vlm = make_vlm(seed=9, num_layers=4, selection_layer=1, lowres_size=56, threshold=60)
+    model = vlm.model.train()
+    prepared = [vlm.prepare(random_image(70, 70, seed=s)) for s in (3, 4)]
+    g = prepared[0].lr_grid
+    batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
+                    row_targets=[[box_cells((0, 0, 30, 30), (70, 70), g)] * 2] * 2)
+    lr = torch.stack([p.lr_features for p in prepared]).detach()
+    hr = torch.stack([p.hr_features for p in prepared]).detach()
+    sizes = [(70, 70)] * 2
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    before = model.model.language_model.layers[3].self_attn.k_proj_hd.weight.detach().clone()
+    losses = []
+    for _ in range(8):
+        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, aux_weight=0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    model.eval()
+    assert losses[-1] < losses[0] and "aux" in stats
+    assert not torch.equal(before, model.model.language_model.layers[3].self_attn.k_proj_hd.weight)
