@@ -107,12 +107,12 @@ def forward_loss(
     logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
     labels = batch.labels.to(device)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
-    stats = {"ce": float(ce)}
+    stats = {"ce": ce.item()}
     loss = ce
     if aux_weight > 0 and state.lr_maps and batch.target_cells is not None:
         aux = attention_loss(state.lr_maps, batch.target_cells.to(device))
         loss = loss + aux_weight * aux
-        stats["aux"] = float(aux)
+        stats["aux"] = aux.item()
     return loss, stats
 
 
