@@ -80,7 +80,7 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     assert losses[-1] < losses[0] and "aux" in stats
     assert not torch.equal(before, model.model.language_model.layers[3].self_attn.k_proj_hd.weight)
