@@ -41,7 +41,7 @@ def cmd_answer(args) -> int:
     )
     if args.json:
         result = vlm.answer(image, args.question, **options)
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result.to_json(masks=args.masks)))
         return 0
     result = None
     for part in vlm.stream(image, args.question, **options):
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     answer.add_argument("--seed", type=int, default=None)
     answer.add_argument("--json", action="store_true", help="print one JSON object")
+    answer.add_argument("--masks", action="store_true",
+                        help="with --json: every selected HR mask, per generated token and layer (row-major indices)")
     answer.set_defaults(run=cmd_answer)
     return parser
 

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
@@ -66,14 +67,22 @@ class Answer:
     trace: Trace | None = None
     settings: dict = field(default_factory=dict)
 
-    def to_json(self, layers: bool = True) -> dict:
-        out = {"answer": self.text, "mode": self.mode, "tokens": self.tokens, "stats": self.stats,
-               "settings": self.settings}
-        if layers and self.trace is not None and self.trace.passes:
+    def to_json(self, layers: bool = True, masks: bool = False) -> dict:
+        """Plain-JSON view. `layers`: per-layer counts for the first token; `masks`: every selected HR mask, per
+        generated token and layer, as sorted row-major indices into the HR grid."""
+        out = {"answer": self.text, "mode": self.mode, "token_ids": self.token_ids, "tokens": self.tokens,
+               "stats": self.stats, "settings": self.settings}
+        passes = self.trace.passes if self.trace is not None else []
+        if layers and passes:
             out["layers"] = [
                 {"layer": lt.layer, "selected_hr_tokens": lt.selected_count, "hr_attended": lt.hr_attended,
                  "hr_attention_share": round(lt.hr_attention_share, 6)}
-                for lt in self.trace.passes[0]
+                for lt in passes[0]
+            ]
+        if masks and passes:
+            out["masks"] = [
+                {str(lt.layer): np.flatnonzero(lt.selected).tolist() for lt in layers_ if lt.selected is not None}
+                for layers_ in passes
             ]
         return out
 

@@ -23,7 +23,7 @@ def test_answer_json(checkpoint, tmp_path):
     image = tmp_path / "wide.png"
     random_image(120, 60).save(image)
     out = run_cli("answer", "--model", str(checkpoint), "--image", str(image), "--question", "what is this ?",
-                  "--mode", "flex", "--max-new-tokens", "3", "--json")
+                  "--mode", "flex", "--max-new-tokens", "3", "--json", "--masks")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["mode"] == "flex" and isinstance(result["answer"], str)
@@ -32,6 +32,11 @@ def test_answer_json(checkpoint, tmp_path):
     assert [entry["layer"] for entry in layers] == [0, 1, 2, 3]
     assert all(entry["selected_hr_tokens"] == 0 for entry in layers[:1])
     assert layers[2]["hr_attended"] == layers[1]["selected_hr_tokens"]
+    masks = result["masks"]
+    assert len(masks) == result["stats"]["generated_tokens"]  # one entry per pass (EOS's pass included)
+    assert sorted(masks[0]) == ["1", "2", "3"]
+    assert len(masks[0]["1"]) == layers[1]["selected_hr_tokens"]
+    assert all(0 <= i < 144 for i in masks[0]["2"])
 
 
 @pytest.mark.parametrize(
