@@ -1,0 +1,42 @@
+"""Launch the flexattn app: `python app.py [--model NAME_OR_DIR] [--host 127.0.0.1] [--port 7860]`.
+
+The model is chosen here, at launch (--model, else $FLEXATTN_MODEL, else the embedded model), never from the page.
+On Hugging Face Spaces, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT set by the platform are the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="flexattn: see where FlexAttention looks, layer by layer")
+    parser.add_argument("--model", default=None,
+                        help="hub id or directory (default: $FLEXATTN_MODEL, else the embedded model)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from flexattn import ModelLoadError
+
+    from app import runtime, ui
+
+    try:
+        runtime.load_model(runtime.choose_model(args.model), device=args.device)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    demo = ui.build_demo()
+    demo.launch(server_name=args.host, server_port=args.port, **ui.launch_options())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

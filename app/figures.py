@@ -1,0 +1,294 @@
+"""Plotly figures from an answer's trace. Inputs are plain numpy grids and numbers; nothing here runs a model.
+
+Every image figure works in display pixels of a downscaled copy of the image (<= 1000 px, embedded once as a
+base64 JPEG). Token grids cover the padded square (see `geometry.Frame`), so their cells are placed with the
+padding offset and may extend past the image into the margins, drawn in the padding colour. A mask is ONE
+heatmap trace (NaN where unselected), never one shape per cell, so a 72x72 grid over 32 layers stays light.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from PIL import Image
+
+from .geometry import Frame
+
+MAX_DISPLAY_SIDE = 1000
+THUMB_SIDE = 128
+PAD_COLOUR = "rgb(122, 116, 104)"  # the CLIP processor's mean colour, which the model pads with
+MASK_COLOUR = "rgba(0, 200, 255, 0.45)"
+BOX_COLOUR = "#39ff14"
+ATTENTION_SCALE = [
+    [0.0, "rgba(255, 255, 0, 0)"],
+    [0.15, "rgba(255, 220, 0, 0.25)"],
+    [0.5, "rgba(255, 130, 0, 0.55)"],
+    [1.0, "rgba(230, 0, 0, 0.8)"],
+]
+IMAGE_HEIGHT = 430
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """A downscaled, embeddable copy of an image and the original it stands for."""
+
+    src: str  # data:image/jpeg;base64,...
+    width: int  # display px
+    height: int
+    frame: Frame  # the original image's size
+
+    @property
+    def sx(self) -> float:
+        return self.width / self.frame.width
+
+    @property
+    def sy(self) -> float:
+        return self.height / self.frame.height
+
+
+def image_view(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE, quality: int = 85) -> ImageView:
+    """Downscale (never upscale) to at most `max_side` px and encode as a base64 JPEG data URI."""
+    w, h = image.size
+    scale = min(1.0, max_side / max(w, h))
+    small = image.convert("RGB")
+    if scale < 1.0:
+        small = small.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality)
+    src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return ImageView(src, small.width, small.height, Frame(w, h))
+
+
+# ---- building blocks ---------------------------------------------------------------------------------------
+def _image_trace(view: ImageView) -> go.Image:
+    # x0/y0 = 0.5: display pixel i covers [i, i + 1], so the image spans [0, width] x [0, height].
+    return go.Image(source=view.src, x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip", name="image")
+
+
+def _grid_placement(view: ImageView, n: int) -> dict:
+    """x0/dx/y0/dy that put an n x n grid's cells on the padded square, in display px."""
+    fx, fy = view.frame.first_centre(n)
+    c = view.frame.cell(n)
+    return dict(x0=fx * view.sx, dx=c * view.sx, y0=fy * view.sy, dy=c * view.sy)
+
+
+def _square_ranges(view: ImageView) -> tuple[list[float], list[float]]:
+    side = view.frame.side
+    ox, oy = view.frame.offset
+    x = [-ox * view.sx, (side - ox) * view.sx]
+    y = [(side - oy) * view.sy, -oy * view.sy]  # reversed: image rows go down
+    return x, y
+
+
+def _image_axes(view: ImageView) -> tuple[dict, dict]:
+    xr, yr = _square_ranges(view)
+    xaxis = dict(range=xr, visible=False, constrain="domain", fixedrange=False)
+    yaxis = dict(range=yr, visible=False, scaleanchor="x", scaleratio=1, constrain="domain")
+    return xaxis, yaxis
+
+
+def _box_shapes(view: ImageView, boxes: Sequence[Sequence[float]], xref="x", yref="y", width=2) -> list[dict]:
+    return [
+        dict(type="rect", xref=xref, yref=yref, x0=x0 * view.sx, y0=y0 * view.sy, x1=x1 * view.sx,
+             y1=y1 * view.sy, line=dict(color=BOX_COLOUR, width=width), fillcolor="rgba(0,0,0,0)")
+        for x0, y0, x1, y1 in boxes
+    ]
+
+
+def _frame_shape(view: ImageView, xref="x", yref="y") -> dict:
+    """Outline of the real image inside the padded square."""
+    return dict(type="rect", xref=xref, yref=yref, x0=0, y0=0, x1=view.width, y1=view.height,
+                line=dict(color="rgba(255,255,255,0.6)", width=1, dash="dot"), fillcolor="rgba(0,0,0,0)")
+
+
+def mask_values(mask: np.ndarray) -> np.ndarray:
+    """float32 grid: 1 where selected, NaN elsewhere (NaN cells are not drawn)."""
+    return np.where(np.asarray(mask, dtype=bool), np.float32(1.0), np.float32(np.nan)).astype(np.float32)
+
+
+def _note(fig: go.Figure, text: str) -> None:
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
+                       font=dict(size=14, color="white"), bgcolor="rgba(0,0,0,0.55)")
+
+
+# ---- (1) LR attention over the image -----------------------------------------------------------------------
+def attention_figure(view: ImageView, lr_attention: np.ndarray, title: str = "",
+                     boxes: Sequence[Sequence[float]] = ()) -> go.Figure:
+    """The image with one token's LR attention (g x g, summed over heads) at one layer as a heatmap."""
+    z = np.asarray(lr_attention, dtype=np.float32)
+    g = z.shape[0]
+    finite = z[np.isfinite(z)]
+    zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if zmax <= zmin:
+        zmax = zmin + 1e-6
+    heat = go.Heatmap(  # min-max scaled colours, as the selection min-max normalises before thresholding
+        z=z, **_grid_placement(view, g), zmin=zmin, zmax=zmax, zsmooth=False,
+        colorscale=ATTENTION_SCALE, showscale=True, name="LR attention",
+        colorbar=dict(thickness=10, len=0.8, title=dict(text="attn", side="right")),
+        hovertemplate="LR cell (%{customdata})<br>attention %{z:.4f}<extra></extra>",
+        customdata=_cell_labels(g),
+    )
+    xaxis, yaxis = _image_axes(view)
+    fig = go.Figure(data=[_image_trace(view), heat])
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=13)), xaxis=xaxis, yaxis=yaxis, height=IMAGE_HEIGHT,
+        margin=dict(l=4, r=4, t=36, b=4), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
+        shapes=[_frame_shape(view), *_box_shapes(view, boxes)], dragmode="pan",
+    )
+    return fig
+
+
+_LABELS: dict[int, np.ndarray] = {}
+
+
+def _cell_labels(n: int) -> np.ndarray:
+    """(n, n) strings 'row, col' for hover text (cached per grid size)."""
+    if n not in _LABELS:
+        r, c = np.indices((n, n))
+        _LABELS[n] = np.char.add(np.char.add(r.astype(str), ", "), c.astype(str))
+    return _LABELS[n]
+
+
+# ---- (2) selected HR regions over the full-resolution image ------------------------------------------------
+def mask_figure(view: ImageView, mask: np.ndarray | None, title: str = "", boxes: Sequence[Sequence[float]] = (),
+                note: str | None = None) -> go.Figure:
+    """The image with the HR tokens a layer selected as ONE heatmap trace (NaN where unselected)."""
+    data: list = [_image_trace(view)]
+    if mask is not None:
+        G = mask.shape[0]
+        data.append(go.Heatmap(
+            z=mask_values(mask), **_grid_placement(view, G), zmin=0.0, zmax=1.0, zsmooth=False,
+            colorscale=[[0.0, MASK_COLOUR], [1.0, MASK_COLOUR]], showscale=False, hoverinfo="skip",
+            name="selected HR tokens",
+        ))
+    xaxis, yaxis = _image_axes(view)
+    fig = go.Figure(data=data)
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=13)), xaxis=xaxis, yaxis=yaxis, height=IMAGE_HEIGHT,
+        margin=dict(l=4, r=4, t=36, b=4), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
+        shapes=[_frame_shape(view), *_box_shapes(view, boxes)], dragmode="pan", showlegend=False,
+    )
+    if note:
+        _note(fig, note)
+    return fig
+
+
+# ---- (3) small multiples: every selecting layer's mask -----------------------------------------------------
+def layers_grid_figure(thumb: ImageView, masks: Sequence[tuple[int, np.ndarray]], boxes: Sequence = (),
+                       recalls: Sequence[float | None] | None = None, title: str = "",
+                       max_cols: int = 8) -> go.Figure:
+    """One subplot per layer that computed a selection: a thumbnail with the layer's mask (one trace each).
+
+    The mask trace is uint8 (1 selected, 0 not) with a colourscale whose low end is transparent: the same
+    picture as NaN masks at a quarter of the bytes (24 panels of 72x72 are ~125 KB).
+    """
+    n = len(masks)
+    if n == 0:
+        fig = go.Figure()
+        fig.update_layout(height=160, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                          margin=dict(l=4, r=4, t=36, b=4), title=dict(text=title, font=dict(size=13)))
+        _note(fig, "no layer selected HR tokens in this mode")
+        return fig
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    titles = []
+    for i, (layer, mask) in enumerate(masks):
+        label = f"L{layer} · {int(np.asarray(mask).sum())}"
+        if recalls is not None and recalls[i] is not None:
+            label += f" · {recalls[i]:.0%}"
+        titles.append(label)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.012,
+                        vertical_spacing=0.06 if rows > 1 else 0.0)
+    xr, yr = _square_ranges(thumb)
+    shapes = []
+    for i, (layer, mask) in enumerate(masks):
+        r, c = divmod(i, cols)
+        fig.add_trace(_image_trace(thumb), row=r + 1, col=c + 1)
+        G = mask.shape[0]
+        fig.add_trace(go.Heatmap(
+            z=np.asarray(mask, dtype=np.uint8), **_grid_placement(thumb, G), zmin=0, zmax=1, zsmooth=False,
+            colorscale=[[0.0, "rgba(0,0,0,0)"], [0.5, "rgba(0,0,0,0)"], [0.5, MASK_COLOUR], [1.0, MASK_COLOUR]],
+            showscale=False, hoverinfo="skip", name=f"layer {layer}",
+        ), row=r + 1, col=c + 1)
+        suffix = "" if i == 0 else str(i + 1)
+        shapes += _box_shapes(thumb, boxes, xref=f"x{suffix}", yref=f"y{suffix}", width=1)
+    fig.update_xaxes(range=xr, visible=False, constrain="domain")
+    for i in range(n):
+        suffix = "" if i == 0 else str(i + 1)
+        fig.update_layout({f"yaxis{suffix}": dict(range=yr, visible=False, scaleanchor=f"x{suffix}",
+                                                   constrain="domain")})
+    for ann in fig.layout.annotations:
+        ann.font = dict(size=10)
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=13)), height=60 + rows * (220 if rows == 1 else 160), showlegend=False,
+        margin=dict(l=4, r=4, t=52, b=4), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
+        shapes=shapes,
+    )
+    return fig
+
+
+# ---- (4) per-layer HR tokens attended and cost -------------------------------------------------------------
+def layers_chart_figure(attended: Sequence[int], hr_tokens: int, layer_mflops: Sequence[float],
+                        flops: dict | None = None, selection_layer: int | None = None,
+                        current_layer: int | None = None, title: str = "") -> go.Figure:
+    """Left: HR tokens each layer attended (bars) against all HR tokens, and each layer's HR-attention MFLOPs.
+    Right: the answer's FLOPs by part."""
+    layers = list(range(len(attended)))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.14,
+                        specs=[[{"secondary_y": True}, {}]],
+                        subplot_titles=("HR tokens attended per layer", "FLOPs of this answer"))
+    colours = ["#1f77b4"] * len(layers)
+    if current_layer is not None and 0 <= current_layer < len(colours):
+        colours[current_layer] = "#ff7f0e"
+    fig.add_trace(go.Bar(x=layers, y=list(attended), name="HR tokens attended", marker_color=colours,
+                         hovertemplate="layer %{x}: %{y} HR tokens<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=layers, y=[hr_tokens] * len(layers), mode="lines", name=f"all {hr_tokens} HR tokens",
+                             line=dict(color="#888", dash="dash"), hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=layers, y=list(layer_mflops), mode="lines+markers", name="HR attention MFLOPs",
+                             line=dict(color="#d62728"), hovertemplate="layer %{x}: %{y:.3g} MFLOPs<extra></extra>"),
+                  row=1, col=1, secondary_y=True)
+    if selection_layer is not None:
+        fig.add_vline(x=selection_layer, line=dict(color="#2ca02c", dash="dot"), row=1, col=1)
+    if flops:
+        parts = [k for k in ("vision", "projector", "llm", "hr_attention") if k in flops]
+        fig.add_trace(go.Bar(x=parts, y=[flops[k] / 1e9 for k in parts], name="GFLOPs", marker_color="#9467bd",
+                             hovertemplate="%{x}: %{y:.4g} GFLOPs<extra></extra>", showlegend=False), row=1, col=2)
+        fig.update_yaxes(title_text="GFLOPs", row=1, col=2)
+    fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 16), row=1, col=1)
+    fig.update_yaxes(title_text="HR tokens", rangemode="tozero", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="MFLOPs", rangemode="tozero", row=1, col=1, secondary_y=True, showgrid=False)
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=330, margin=dict(l=50, r=20, t=60, b=40),
+                      legend=dict(orientation="h", y=-0.25, x=0), bargap=0.15)
+    return fig
+
+
+# ---- Compare tab -------------------------------------------------------------------------------------------
+def compare_figure(rows: Sequence[dict]) -> go.Figure:
+    """TFLOPs and latency of each mode, side by side."""
+    modes = [r["mode"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("TFLOPs", "latency (s)"), horizontal_spacing=0.12)
+    fig.add_trace(go.Bar(x=modes, y=[r["tflops"] for r in rows], marker_color="#9467bd", showlegend=False,
+                         hovertemplate="%{x}: %{y:.4g} TFLOPs<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=modes, y=[r["latency_s"] for r in rows], marker_color="#1f77b4", showlegend=False,
+                         hovertemplate="%{x}: %{y:.3f} s<extra></extra>"), row=1, col=2)
+    fig.update_layout(height=300, margin=dict(l=40, r=20, t=40, b=30))
+    return fig
+
+
+def warm_up() -> None:
+    """Build each kind of figure once, so the first visitor does not pay plotly's one-off set-up (~0.5 s)."""
+    view = image_view(Image.new("RGB", (32, 16), (128, 128, 128)))
+    grid = np.zeros((4, 4), dtype=np.float32)
+    mask = np.eye(4, dtype=bool)
+    attention_figure(view, grid, boxes=[(0, 0, 8, 8)]).to_json()
+    mask_figure(view, mask, boxes=[(0, 0, 8, 8)]).to_json()
+    layers_grid_figure(view, [(1, mask), (2, mask)], [(0, 0, 8, 8)], [0.5, None]).to_json()
+    layers_chart_figure([0, 1, 2], 16, [0.0, 1.0, 2.0], {"vision": 1, "llm": 2}, 1).to_json()
+    compare_figure([{"mode": "flex", "tflops": 1.0, "latency_s": 1.0}]).to_json()
