@@ -29,26 +29,30 @@ def launch_options() -> dict:
     return {"theme": theme(), "css": CSS, "max_file_size": MAX_FILE_SIZE}
 
 
-class UploadImage(gr.Image):
+def upload_image(**kwargs) -> gr.Image:
     """`gr.Image(type="filepath")` that hands the uploaded file to flexattn untouched.
 
-    The stock component opens every upload with PIL first (and converts it when image_mode is set), so a
-    non-image or a decompression bomb fails inside Gradio with a generic message, and RGBA/16-bit pixels are
-    converted before flexattn.load_image can do it properly. The path is still only ever one in Gradio's
-    upload cache: Gradio refuses other paths before this runs.
+    The stock component opens every upload with PIL first, so a non-image or a decompression bomb fails inside
+    Gradio with a generic message before flexattn.load_image can say what is wrong (and, with an image_mode, it
+    converts RGBA/16-bit pixels itself). The path is still only ever one in Gradio's upload cache: Gradio refuses
+    other paths before preprocessing. (The instance's method is replaced rather than subclassing gr.Image, because
+    Gradio writes a .pyi stub next to the source of every Component subclass at import time.)
     """
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    stock = image.preprocess
 
-    is_template = True  # rendered by the frontend's Image component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None:
             return None
         if payload.path and not (payload.url or "").startswith("data:"):
             return str(payload.path)
         try:
-            return super().preprocess(payload)
+            return stock(payload)
         except Exception:
             raise gr.Error("not an image (the upload could not be decoded)", title="Cannot do that") from None
+
+    image.preprocess = preprocess
+    return image
 
 
 def header_markdown(info: dict) -> str:
@@ -97,8 +101,7 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
             gr.Markdown(UNTRAINED_WARNING, elem_classes="fa-warning")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
-                image = UploadImage(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
-                                    height=320, elem_id="fa-image")
+                image = upload_image(label="Image", sources=["upload", "clipboard"], height=320, elem_id="fa-image")
                 question = gr.Textbox(label="Question", placeholder="What letter is on the red circle?", lines=2,
                                       elem_id="fa-question")
                 mode = gr.Radio([("flex (FlexAttention)", "flex"), ("lowres (plain LLaVA-1.5)", "lowres"),

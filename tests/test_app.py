@@ -430,8 +430,8 @@ def test_launcher_fails_fast_with_the_loaders_one_line_error(tmp_path, capsys):
 def test_upload_component_hands_the_cached_path_to_flexattn_untouched(images):
     from gradio.data_classes import ImageData
 
-    component = ui.UploadImage(type="filepath", image_mode=None)
-    assert component.get_block_name() == "image"
+    component = ui.upload_image()
+    assert component.get_block_name() == "image" and component.type == "filepath" and component.image_mode is None
     assert component.preprocess(ImageData(path=str(images["text"]))) == str(images["text"])
     assert component.preprocess(None) is None
 
@@ -513,6 +513,8 @@ def test_end_to_end_with_gradio_client(launched, examples, images):
     # a gr.Error arrives as an exception, and the app keeps serving
     with pytest.raises(AppError, match="not an image"):
         client.predict(handle_file(str(images["text"])), QUESTION, api_name="/start_turn")
+    with pytest.raises(AppError, match="too large"):  # a decompression bomb, refused before decoding
+        client.predict(handle_file(str(images["huge"])), QUESTION, api_name="/start_turn")
     with pytest.raises(AppError, match="empty"):
         client.predict(handle_file(str(images["rgb"])), "", api_name="/start_turn")
     chat, _ = client_ask(client, images["rgb"], "what is this ?")
