@@ -160,9 +160,22 @@ class Events:
     def answer_turn(self, state: dict, mode: str = "flex", threshold: float | None = None,
                     selection_layer: int | None = None, max_new_tokens: int = 64, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                    image: str | None = None, question: str | None = None,
                     ) -> Iterator[tuple[list, dict, str]]:
-        """Stream the answer to the pending question into the chat; keep its trace for the figures."""
-        question = (state or {}).get("pending")
+        """Stream the answer to the pending question into the chat; keep its trace for the figures.
+
+        `image` / `question` (the page's current inputs) cover a session whose pending turn was overwritten by a
+        concurrent image-change event; the API can leave them out.
+        """
+        state = state or new_session()
+        if image:
+            state = self.intake(image, state)  # a no-op for the image the turn was started with
+        if not state.get("pending") and question and question.strip():
+            try:
+                state["pending"] = check_question(question)
+            except PromptError as err:
+                raise _error(err) from None
+        question = state.get("pending")
         if not question or not state.get("image_path"):
             raise gr.Error("Ask a question about an image first.", title="Nothing to answer")
         chat = [*state["chat"], {"role": "user", "content": question}]
@@ -208,6 +221,7 @@ class Events:
             "settings": result.settings,
             "trace": result.trace,
             "untrained": bool(result.stats.get("untrained_hr_projections")),
+            "text_config": self.vlm.model.config.text_config,  # for the per-layer cost; renders never touch the model
         }
 
     def stats_markdown(self, rec: dict | None) -> str:
@@ -281,8 +295,7 @@ class Events:
                       f"(layer · HR tokens selected{' · target recall' if boxes else ''})")
         grid_fig = figures.layers_grid_figure(state["thumb"], masks, boxes, recalls, grid_title)
         attended = [lt.hr_attended for lt in layers]
-        cfg = self.vlm.model.config.text_config
-        mflops = layer_hr_mflops(cfg, rec["stats"]["prompt_tokens"] + token, trace.selection_layer, attended)
+        mflops = layer_hr_mflops(rec["text_config"], rec["stats"]["prompt_tokens"] + token, trace.selection_layer, attended)
         chart = figures.layers_chart_figure(
             attended, trace.hr_grid ** 2, mflops, rec["stats"]["flops"], trace.selection_layer, None,
             f"Token {token}: HR tokens attended and their cost, per layer")

@@ -153,7 +153,8 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
             gr.on([ask_btn.click, question.submit], events.start_turn, [image, question, state], [chatbot, state],
                   api_name="start_turn", concurrency_limit=4)
             .success(events.answer_turn,
-                     [state, mode, threshold, selection_layer, max_new, do_sample, temperature, top_p, seed],
+                     [state, mode, threshold, selection_layer, max_new, do_sample, temperature, top_p, seed, image,
+                      question],
                      [chatbot, state, stats], api_name="answer_turn", concurrency_id=MODEL_EVENTS,
                      concurrency_limit=1)
             .success(render_new, [state, layer_slider], [token_slider, *inspect_outputs], api_name="inspect",

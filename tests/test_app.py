@@ -315,6 +315,16 @@ def test_no_image_and_bad_questions_give_clear_errors(events, images):
         list(events.answer_turn(new_session()))
 
 
+def test_a_turn_survives_a_concurrent_image_change_event(events, images):
+    """Upload then ask at once: if image_changed's fresh state lands after start_turn's, the turn still runs."""
+    _, started = events.start_turn(str(images["rgb"]), QUESTION, new_session())
+    overwritten = events.image_changed(str(images["rgb"]), new_session())
+    assert overwritten["pending"] is None
+    *_, (chat, state, _) = events.answer_turn(overwritten, max_new_tokens=2, image=str(images["rgb"]),
+                                              question=QUESTION)
+    assert [m["role"] for m in chat] == ["user", "assistant"] and chat[0]["content"] == QUESTION
+
+
 def test_bad_options_give_clear_errors(events, images):
     _, state = events.start_turn(str(images["rgb"]), QUESTION, new_session())
     with pytest.raises(gr.Error, match="selection_layer"):
