@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+import time
 from collections.abc import Iterator, Sequence
 
 import gradio as gr
@@ -58,6 +59,7 @@ class Events:
     def __init__(self, examples: Sequence[Example] = (), trace_passes: int | None = None):
         self.targets = targets_by_sha1(list(examples))
         self._trace_passes = trace_passes
+        self._rejected: dict[str, float] = {}  # upload path -> when image_changed last rejected it
 
     @property
     def vlm(self):
@@ -95,7 +97,7 @@ class Events:
                          f"upscaled, and detail it does not have cannot be recovered.")
         return notes
 
-    def intake(self, path: str | None, state: dict) -> dict:
+    def intake(self, path: str | None, state: dict, notify: bool = True) -> dict:
         """Load and check the image at `path` (Gradio's upload cache); a new image starts a new conversation."""
         if not path:
             raise gr.Error("Upload an image first (or pick an example).", title="No image")
@@ -116,7 +118,7 @@ class Events:
             thumb=figures.image_view(image, figures.THUMB_SIDE, quality=75),
             targets=self.targets.get(key, []), notices=self.image_notices(path, image),
         )
-        for note in fresh["notices"]:
+        for note in fresh["notices"] if notify else ():
             gr.Info(note)
         return fresh
 
@@ -125,7 +127,16 @@ class Events:
         state = state or new_session()
         if not path:
             return new_session()
-        return self.intake(path, state)
+        try:
+            return self.intake(path, state)
+        except gr.Error:
+            # The browser re-sends a change event for an upload it cannot preview: report each rejection once.
+            now = time.monotonic()
+            seen = self._rejected.get(path)
+            self._rejected = {p: t for p, t in self._rejected.items() if now - t < 10} | {path: now}
+            if seen is not None and now - seen < 10:
+                return state
+            raise
 
     # ---- asking --------------------------------------------------------------------------------------------
     def start_turn(self, path: str | None, question: str, state: dict | None) -> tuple[list, dict]:
@@ -336,7 +347,7 @@ class Events:
     def compare(self, path: str | None, question: str, threshold: float | None = None,
                 selection_layer: int | None = None, max_new_tokens: int = 64):
         """The same question in all three modes (greedy, no history); yields the table as each mode finishes."""
-        state = self.intake(path, new_session())
+        state = self.intake(path, new_session(), notify=False)  # notices were shown when the image came in
         try:
             question = check_question(question)
         except PromptError as err:

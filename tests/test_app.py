@@ -300,6 +300,8 @@ def test_follow_up_keeps_the_conversation_and_reuses_hr_features(events, app_vlm
 def test_bad_images_give_clear_errors(events, images, name, message):
     with pytest.raises(gr.Error, match=message):
         events.image_changed(str(images[name]), new_session())
+    state = new_session()
+    assert events.image_changed(str(images[name]), state) is state  # the browser's repeat: not reported twice
     with pytest.raises(gr.Error, match=message):
         events.start_turn(str(images[name]), QUESTION, new_session())
 
