@@ -250,7 +250,8 @@ class Events:
             f"{lat['prefill']:.2f} s, {lat['decode_per_token'] * 1000:.0f} ms/token)",
         ]
         if s.get("prefix_tokens_reused"):
-            lines.append(f"follow-up: image features and {s['prefix_tokens_reused']} prompt tokens' keys/values reused")
+            lines.append(f"reused from an earlier question about this image: its features and the keys/values of "
+                         f"{s['prefix_tokens_reused']} prompt tokens")
         if rec["untrained"] and rec["mode"] != "lowres":
             lines.append("⚠️ untrained HR projections: this checkpoint's HR keys/values are copies of k_proj/v_proj")
         return "  \n".join(lines)
