@@ -90,6 +90,8 @@ class FlexState:
         recorder: optional trace recorder (flexattn.trace.TraceRecorder).
         planted_selection: optional (G*G,) bool mask that flex mode selects at every selecting layer instead of the
             attention-driven one: for cost runs of random-weight models, which would select nearly everything.
+        shift_selection: optional (rows, cols) by which every selected mask is rolled over the HR grid: a control
+            showing that answers depend on *where* the selection is, not on how much is selected.
         keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
     """
 
@@ -109,6 +111,7 @@ class FlexState:
         recorder=None,
         keep_lr_maps: bool = False,
         planted_selection: torch.Tensor | None = None,
+        shift_selection: tuple[int, int] | None = None,
     ):
         self.mode = check_mode(mode)
         if self.mode != "lowres" and hr_features is None:
@@ -125,6 +128,7 @@ class FlexState:
         self.recorder = recorder
         self.keep_lr_maps = keep_lr_maps
         self.planted_selection = planted_selection
+        self.shift_selection = shift_selection
         self.lr_maps: list[tuple[int, torch.Tensor]] = []
         self.pass_index = -1
         self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
@@ -157,11 +161,14 @@ class FlexState:
         if self.planted_selection is not None:
             return self.planted_selection.to(lr_map.device).expand(b, r, -1)
         s = self.settings
-        masks = [
+        masks = torch.stack([
             select_hr_tokens(lr_map[i], self.original_sizes[i], s.threshold, s.pool_size, self.hr_grid)
             for i in range(b)
-        ]
-        return torch.stack(masks)
+        ])
+        if self.shift_selection is not None:
+            G = self.hr_grid
+            masks = masks.reshape(b, r, G, G).roll(self.shift_selection, dims=(2, 3)).reshape(b, r, G * G)
+        return masks
 
 
 def _row_bias(attention_mask, rows, q_len, kv_len, dtype, device) -> torch.Tensor:

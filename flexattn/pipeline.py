@@ -176,7 +176,8 @@ class FlexVLM:
         return embeds[None]
 
     def flex_state(self, prepared: PreparedImage, mode: str, settings: FlexSettings, image_start: int,
-                   recorder: TraceRecorder | None = None, planted_selection=None) -> FlexState:
+                   recorder: TraceRecorder | None = None, planted_selection=None, shift_selection=None,
+                   rows=None) -> FlexState:
         """The per-call state for one generation over `prepared` with the prompt's image at `image_start`."""
         g, G = prepared.lr_grid, prepared.hr_grid
         hr_cos = hr_sin = None
@@ -193,6 +194,8 @@ class FlexVLM:
             original_sizes=[prepared.views.original_size],
             recorder=recorder,
             planted_selection=planted_selection,
+            shift_selection=shift_selection,
+            rows=rows,
         )
 
     # ---- prompt prefix reuse -----------------------------------------------------------------------------
@@ -271,6 +274,7 @@ class FlexVLM:
         lazy_hr: bool | None = None,
         reuse_prefix: bool | None = None,
         planted_selection: torch.Tensor | None = None,
+        shift_selection: tuple[int, int] | None = None,
         streamer: BaseStreamer | None = None,
     ) -> Answer:
         mode = check_mode(mode)
@@ -301,7 +305,7 @@ class FlexVLM:
             recorder = None
             if trace:
                 recorder = TraceRecorder(g, G, settings.selection_layer, None if trace is True else int(trace))
-            state = self.flex_state(prepared, mode, settings, image_start, recorder, planted_selection)
+            state = self.flex_state(prepared, mode, settings, image_start, recorder, planted_selection, shift_selection)
             timer = _Timer(streamer)
             if seed is not None:
                 torch.manual_seed(seed)

@@ -280,3 +280,12 @@ def test_planted_selection_replaces_attention_driven_masks(tiny_vlm):
             assert np.array_equal(lt.selected.flatten(), planted.numpy())
         for lt in layers[S + 1 :]:
             assert lt.hr_attended == G * 3
+
+
+def test_shift_selection_rolls_every_mask(tiny_vlm):
+    image = random_image(72, 72, seed=5)
+    plain = tiny_vlm.answer(image, QUESTION, max_new_tokens=2)
+    shifted = tiny_vlm.answer(image, QUESTION, max_new_tokens=2, shift_selection=(6, 6))
+    S = tiny_vlm.settings.selection_layer
+    # the layer that selects first sees the same attention either way; its mask is the plain one rolled
+    assert np.array_equal(shifted.trace.passes[0][S].selected, np.roll(plain.trace.passes[0][S].selected, (6, 6), (0, 1)))
