@@ -1,0 +1,228 @@
+"""Evaluation: the synthetic high-res benchmarks, and V* Bench read from a local directory.
+
+Per mode and family: accuracy (exact match), `hr_share` (mean share of HR tokens each HR-attending layer saw),
+`selection_recall` (share of the target's HR tokens inside the answering token's mask at the last layer that
+attends to HR), mean TFLOPs; for `flex`, `shifted_mask_accuracy` with every mask rolled by a third of the HR grid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .prompt import conversation, tokenize_around_image
+from .settings import MODES
+
+BENCH_FAMILIES = {"synthetic": ("attribute", "spatial"), "synthetic-long": ("reading",)}
+VSTAR_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def hr_cells(boxes, image_size: tuple[int, int], grid: int) -> np.ndarray:
+    """(grid, grid) bool: HR grid cells (over the padded square image) that the pixel boxes touch."""
+    w, h = image_size
+    side = max(w, h)
+    ox, oy = (side - w) / 2, (side - h) / 2
+    cell = side / grid
+    out = np.zeros((grid, grid), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        c0, c1 = int((x0 + ox) // cell), int(np.ceil((x1 + ox) / cell))
+        r0, r1 = int((y0 + oy) // cell), int(np.ceil((y1 + oy) / cell))
+        out[max(r0, 0) : min(r1, grid), max(c0, 0) : min(c1, grid)] = True
+    return out
+
+
+def last_attended_mask(trace, token: int):
+    """The mask the last layer attended with for `token` (computed by the layer before it)."""
+    if token >= len(trace.passes):
+        return None
+    layers = trace.passes[token]
+    return trace.used_mask(token, len(layers) - 1)
+
+
+def selection_recall(sample, trace, image_size) -> float | None:
+    """Mean over answer tokens with a known target: |target cells ∩ mask| / |target cells|."""
+    if trace is None or not trace.passes:
+        return None
+    grid = trace.hr_grid
+    if sample.family == "reading":  # answer token k reads shape k
+        targets = [(k, [box]) for k, box in enumerate(sample.target_boxes)]
+    else:  # one answering token needs every target shape
+        targets = [(0, list(sample.target_boxes))]
+    recalls = []
+    for token, boxes in targets:
+        mask = last_attended_mask(trace, token)
+        if mask is None:
+            continue
+        cells = hr_cells(boxes, image_size, grid)
+        recalls.append(float((mask & cells).sum() / max(cells.sum(), 1)))
+    return float(np.mean(recalls)) if recalls else None
+
+
+def _summary(rows: list[dict]) -> dict:
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    return {
+        "n": len(rows),
+        "accuracy": mean("correct"),
+        "hr_share": mean("hr_share"),
+        "selection_recall": mean("recall"),
+        "tflops": mean("tflops"),
+    }
+
+
+def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 10_000_000, modes=MODES,
+                       shifted: bool = True, max_new_tokens: int = 16, progress: bool = True) -> dict:
+    """Held-out synthetic samples (seeds from `seed` on) in each mode; see the module docstring for metrics."""
+    from .synthetic import make_split
+
+    families = BENCH_FAMILIES[bench]
+    samples = make_split(n, seed, families)
+    runs = [(mode, None) for mode in modes]
+    if shifted and "flex" in modes:
+        runs.append(("flex", "shifted"))
+    per_run: dict[tuple, list[dict]] = defaultdict(list)
+    bar = tqdm(total=len(samples) * len(runs), desc=f"eval {bench}", disable=not progress)
+    for sample in samples:
+        prepared = vlm.prepare(sample.image)
+        G = prepared.hr_grid
+        for mode, variant in runs:
+            shift = (G // 3, G // 3) if variant == "shifted" else None
+            answer = vlm.answer(prepared, sample.question, mode=mode, max_new_tokens=max_new_tokens,
+                                shift_selection=shift, reuse_prefix=False)
+            stats = answer.stats
+            per_run[(mode, variant)].append({
+                "family": sample.family,
+                "correct": float(normalise(answer.text) == normalise(sample.answer)),
+                "hr_share": stats["hr_attended_mean"] / stats["hr_tokens"] if mode != "lowres" else 0.0,
+                "recall": selection_recall(sample, answer.trace, sample.image.size) if mode != "lowres" else None,
+                "tflops": stats["tflops"],
+            })
+            bar.update()
+    bar.close()
+    out = {"model": vlm.name, "bench": bench, "n": n, "seed": seed, "modes": {}}
+    for mode in modes:
+        rows = per_run[(mode, None)]
+        block = _summary(rows)
+        block["families"] = {f: _summary([r for r in rows if r["family"] == f]) for f in families}
+        if (mode, "shifted") in per_run:
+            block["shifted_mask_accuracy"] = _summary(per_run[(mode, "shifted")])["accuracy"]
+        out["modes"][mode] = block
+    return out
+
+
+# ---- V* Bench ---------------------------------------------------------------------------------------------------
+
+def load_vstar(root: str | Path, subsets=("direct_attributes", "relative_position")) -> list[dict]:
+    """V* Bench in its published layout: <root>/<subset>/<id>.json ({"question", "options", ...}) beside the
+    image <id>.jpg|png|...; the first option is the correct one."""
+    root = Path(root)
+    items = []
+    for subset in subsets:
+        for annotation in sorted((root / subset).glob("*.json")):
+            data = json.loads(annotation.read_text())
+            image = next((p for p in annotation.parent.glob(annotation.stem + ".*") if p.suffix != ".json"), None)
+            if image is None:
+                raise FileNotFoundError(f"no image beside {annotation}")
+            items.append({"subset": subset, "id": annotation.stem, "image": image, "question": data["question"],
+                          "options": list(data["options"])})
+    if not items:
+        raise FileNotFoundError(f"no V* Bench annotations under {root} (expected {subsets[0]}/*.json)")
+    return items
+
+
+@torch.no_grad()
+def option_loss(vlm, prepared, question: str, option: str, mode: str) -> float:
+    """Mean cross-entropy of `option` as the answer. As in the released evaluation, the option is scored with
+    teacher forcing where every row predicting an option token sees HR with its own selection."""
+    before, prompt_after = tokenize_around_image(vlm.tokenizer, conversation(question))
+    _, full_after = tokenize_around_image(vlm.tokenizer, conversation(question) + " " + option)
+    if full_after[: len(prompt_after)] != prompt_after:  # tokenisation merged across the boundary: keep the joint ids
+        prompt_after = full_after[: len(prompt_after) - 1]
+    option_ids = full_after[len(prompt_after) :]
+    embeds = vlm._embed(prepared, before, full_after)
+    start = len(before)
+    prompt_len = embeds.shape[1] - len(option_ids)
+    rows = torch.arange(prompt_len - 1, embeds.shape[1] - 1, device=vlm.device)[None]
+    state = vlm.flex_state(prepared, mode, vlm.settings, start, rows=rows)
+    logits = vlm.model(inputs_embeds=embeds, flex_state=state).logits[0, prompt_len - 1 : -1]
+    target = torch.tensor(option_ids, device=logits.device)
+    return float(F.cross_entropy(logits.float(), target))
+
+
+def evaluate_vstar(vlm, root, modes=("lowres", "flex"), progress: bool = True) -> dict:
+    items = load_vstar(root)
+    out = {"model": vlm.name, "bench": "vstar", "n": len(items), "modes": {}}
+    for mode in modes:
+        per_subset = defaultdict(list)
+        for item in tqdm(items, desc=f"V* {mode}", disable=not progress):
+            prepared = vlm.prepare(item["image"], highres=mode != "lowres")
+            question = item["question"] + VSTAR_SUFFIX
+            losses = [option_loss(vlm, prepared, question, o, mode) for o in item["options"]]
+            per_subset[item["subset"]].append(float(int(np.argmin(losses)) == 0))
+        allrows = [c for rows in per_subset.values() for c in rows]
+        out["modes"][mode] = {"accuracy": float(np.mean(allrows)),
+                              "subsets": {k: float(np.mean(v)) for k, v in per_subset.items()}}
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['bench']}  model={result['model']}  n={result['n']}"]
+    header = f"{'mode':<11}{'family':<11}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}"
+    lines.append(header)
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    for mode, block in result["modes"].items():
+        rows = [("all", block)] + list(block.get("families", {}).items())
+        if "subsets" in block:
+            rows = [("all", block)] + [(k, {"accuracy": v}) for k, v in block["subsets"].items()]
+        for family, b in rows:
+            lines.append(f"{mode:<11}{family:<11}{fmt(b.get('accuracy'), '9.3f')}{fmt(b.get('hr_share'), '10.3f')}"
+                         f"{fmt(b.get('selection_recall'), '8.3f')}{fmt(b.get('tflops'), '11.2e')}")
+        if "shifted_mask_accuracy" in block:
+            lines.append(f"{mode:<11}{'shifted':<11}{block['shifted_mask_accuracy']:9.3f}   (every mask rolled by G/3)")
+    return "\n".join(lines)
+
+
+def add_parser(sub, add_model_args) -> None:
+    parser = sub.add_parser("eval", help="accuracy, HR share, selection recall and TFLOPs per mode and family")
+    add_model_args(parser)
+    parser.add_argument("--bench", default="synthetic", choices=[*BENCH_FAMILIES, "vstar"])
+    parser.add_argument("--n", type=int, default=500, help="samples (synthetic benches)")
+    parser.add_argument("--seed", type=int, default=10_000_000, help="first held-out seed (training used < 10M)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: lowres,flex,select_all")
+    parser.add_argument("--vstar-dir", default=None, help="V* Bench directory (with direct_attributes/ ...)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--no-shifted", action="store_true", help="skip the shifted-mask control")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run_cli)
+
+
+def run_cli(args) -> int:
+    from .cli import _load
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    vlm = _load(args)
+    if args.bench == "vstar":
+        if not args.vstar_dir:
+            raise ValueError("--bench vstar needs --vstar-dir DIR")
+        result = evaluate_vstar(vlm, args.vstar_dir, modes, progress=not args.json)
+    else:
+        result = evaluate_synthetic(vlm, args.bench, args.n, args.seed, modes, shifted=not args.no_shifted,
+                                    max_new_tokens=args.max_new_tokens, progress=True)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0

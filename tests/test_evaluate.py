@@ -1,0 +1,71 @@
+"""The eval runner's JSON has the issue's fields with sane values; V* Bench is read in its published layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flexattn.evaluate import evaluate_synthetic, evaluate_vstar, format_table, hr_cells, load_vstar
+from flexattn.image import ImageProcessor
+from flexattn.loading import LoadedModel
+from flexattn.pipeline import FlexVLM
+from flexattn.synthetic import build_tokenizer
+
+from .conftest import make_model, random_image
+
+
+@pytest.fixture(scope="module")
+def synthetic_vlm():
+    tokenizer = build_tokenizer()
+    model = make_model(seed=11, num_layers=4, selection_layer=1, lowres_size=112, threshold=120, pool_size=8,
+                       vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id].zero_()
+    return FlexVLM(LoadedModel(model, tokenizer, ImageProcessor(), "tiny-synthetic", "transformers", False))
+
+
+def test_synthetic_eval_json_fields(synthetic_vlm):
+    result = evaluate_synthetic(synthetic_vlm, "synthetic", n=4, seed=10_000_000, progress=False, max_new_tokens=3)
+    json.dumps(result)  # plain JSON
+    assert set(result["modes"]) == {"lowres", "flex", "select_all"}
+    for mode, block in result["modes"].items():
+        for key in ("accuracy", "hr_share", "selection_recall", "tflops", "families"):
+            assert key in block
+        assert 0 <= block["accuracy"] <= 1 and block["tflops"] > 0
+        assert set(block["families"]) == {"attribute", "spatial"}
+    assert result["modes"]["lowres"]["hr_share"] == 0 and result["modes"]["lowres"]["selection_recall"] is None
+    assert result["modes"]["select_all"]["hr_share"] == 1.0
+    assert result["modes"]["select_all"]["selection_recall"] == 1.0
+    assert 0 <= result["modes"]["flex"]["selection_recall"] <= 1
+    assert 0 <= result["modes"]["flex"]["shifted_mask_accuracy"] <= 1
+    assert "flex" in format_table(result)
+
+
+def test_long_bench_is_the_reading_family(synthetic_vlm):
+    result = evaluate_synthetic(synthetic_vlm, "synthetic-long", n=2, modes=("flex",), shifted=False,
+                                progress=False, max_new_tokens=3)
+    assert set(result["modes"]["flex"]["families"]) == {"reading"}
+
+
+def test_hr_cells_follow_square_padding():
+    # 336x168 image padded to 336x336 (84 px top margin), 24x24 grid of 14 px cells.
+    cells = hr_cells([(0, 0, 14, 14)], (336, 168), 24)
+    assert cells.sum() == 1 and cells[6, 0]
+    assert hr_cells([(10, 10, 30, 20)], (336, 336), 24).sum() == 2 * 3
+
+
+def test_vstar_layout_and_option_scoring(synthetic_vlm, tmp_path):
+    subset = tmp_path / "direct_attributes"
+    subset.mkdir()
+    for i in range(2):
+        random_image(200, 150, seed=i).save(subset / f"sa_{i}.jpg")
+        (subset / f"sa_{i}.json").write_text(json.dumps(
+            {"question": "what is the colour of the shape ?", "options": ["red", "blue"], "target_object": ["x"]}))
+    items = load_vstar(tmp_path, subsets=("direct_attributes",))
+    assert [it["id"] for it in items] == ["sa_0", "sa_1"]
+    with pytest.raises(FileNotFoundError):
+        load_vstar(tmp_path / "missing")
+    result = evaluate_vstar(synthetic_vlm, tmp_path, modes=("lowres", "flex"), progress=False)
+    for block in result["modes"].values():
+        assert block["accuracy"] in (0.0, 0.5, 1.0)
