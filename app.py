@@ -10,6 +10,11 @@ import argparse
 import os
 import sys
 
+try:  # on Hugging Face ZeroGPU Spaces, `spaces` must be imported before torch initialises CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="flexattn: see where FlexAttention looks, layer by layer")

@@ -607,12 +607,9 @@ def test_sixteen_concurrent_sessions(tmp_path, examples):
 
 
 # ---- real browser --------------------------------------------------------------------------------------------
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+def _browser_missing() -> str | None:
+    from app.screenshot import CHROMIUM
 
-
-def _browser_available() -> str | None:
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} is missing (apt-get install -y chromium)"
     try:
@@ -624,40 +621,20 @@ def _browser_available() -> str | None:
 
 @pytest.mark.browser
 def test_in_a_real_browser(launched, examples):
-    missing = _browser_available()
+    missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"browser test required under CI: {missing}")
+            pytest.fail(f"the browser test must run under CI: {missing}")
         pytest.skip(missing)
-    from playwright.sync_api import sync_playwright
+    from app.screenshot import capture
 
     _, url = launched
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, timeout=60_000)
-            page.wait_for_selector("#fa-image input[type=file]", state="attached", timeout=60_000)
-            page.set_input_files("#fa-image input[type=file]", example_path(examples, "wide.png"))
-            page.wait_for_selector("#fa-image img", timeout=30_000)
-            page.fill("#fa-question textarea", QUESTION)
-            page.click("#fa-ask")
-            page.wait_for_selector("#fa-chat .message.bot, #fa-chat [data-testid='bot']", timeout=120_000)
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 4", timeout=120_000)
-            rendered = page.evaluate(
-                """Array.from(document.querySelectorAll('.js-plotly-plot')).map(el => ({
-                    id: (el.closest('[id^="fa-"]') || {}).id,
-                    types: (el.data || []).map(t => t.type),
-                    cells: (el._fullData || []).filter(t => t.type === 'heatmap').map(t => t.z ? t.z.length : 0),
-                }))""")
-            by_id = {r["id"]: r for r in rendered}
-            assert by_id["fa-lr"]["types"] == ["image", "heatmap"] and by_id["fa-lr"]["cells"] == [LR_GRID]
-            assert by_id["fa-mask"]["types"] == ["image", "heatmap"] and by_id["fa-mask"]["cells"] == [HR_GRID]
-            assert by_id["fa-grid"]["cells"] == [HR_GRID] * (NUM_LAYERS - SELECTION_LAYER)
-            assert "bar" in by_id["fa-chart"]["types"]
-            answer = page.inner_text("#fa-chat")
-            assert QUESTION in answer
-            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
-        finally:
-            browser.close()
+    out = ARTIFACTS / "app.png"
+    result = capture(url, example_path(examples, "wide.png"), QUESTION, out)
+    plots = result["plots"]
+    assert plots["fa-lr"]["types"] == ["image", "heatmap"] and plots["fa-lr"]["cells"] == [LR_GRID]
+    assert plots["fa-mask"]["types"] == ["image", "heatmap"] and plots["fa-mask"]["cells"] == [HR_GRID]
+    assert plots["fa-grid"]["cells"] == [HR_GRID] * (NUM_LAYERS - SELECTION_LAYER)
+    assert "bar" in plots["fa-chart"]["types"]
+    assert QUESTION in result["chat"]
+    assert out.is_file() and out.stat().st_size > 10_000
