@@ -54,6 +54,38 @@ def cmd_answer(args) -> int:
           f"{s['hr_attended_per_layer']}, {s['tflops']:.4f} TFLOPs, {s['latency_s']['total']:.2f} s")
     return 0
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    zooms = bench.parse_zooms(args.zoom)
+    names = bench.parse_list(args.model)
+    modes = bench.parse_modes(args.modes)
+    center = bench.parse_list(args.planted_center, float)
+    if len(center) != 2 or not all(0 <= c <= 1 for c in center):
+        raise ValueError(f"--planted-center takes two fractions y,x in 0..1, got {args.planted_center!r}")
+    if not 0 <= args.planted_share <= 1:
+        raise ValueError(f"--planted-share is a fraction of the HR tokens, got {args.planted_share}")
+    if args.depth_divisor not in (1, 2, 4, 8):
+        raise ValueError("--depth-divisor must divide both depths (32 LLM and 24 tower layers): 1, 2, 4 or 8")
+    if args.repeats < 1 or args.warmup < 0 or args.decode_steps < 0 or not 1 <= args.followup_tokens <= 512:
+        raise ValueError("--repeats >= 1, --warmup >= 0, --decode-steps >= 0 and --followup-tokens in 1..512")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    models = bench.build_models(names, depth_divisor=args.depth_divisor, planted_share=args.planted_share,
+                                planted_center=center, device=args.device, dtype=dtype,
+                                lazy_samples=args.lazy_samples)
+    result = bench.run(models, zooms, repeats=args.repeats, warmup=args.warmup, decode_steps=args.decode_steps,
+                       followup_tokens=args.followup_tokens, modes=modes, naive_max_zoom=args.naive_max_zoom)
+    if args.html:
+        path = bench.write_chart(result, args.html)
+        print(f"chart: {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(bench.format_report(result))
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flexattn", description=__doc__)
@@ -73,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--masks", action="store_true",
                         help="with --json: every selected HR mask, per generated token and layer (row-major indices)")
     answer.set_defaults(run=cmd_answer)
+
+    bench = sub.add_parser("bench", help="cost of lowres / flex / select_all / naive_hd as resolution grows")
+    bench.add_argument("--model", default="7b-shaped",
+                       help="comma list of: 7b-shaped (random weights, LLaVA-1.5-7B shape), embedded, a checkpoint "
+                            "PATH or hub id; the first is the main model (default: 7b-shaped)")
+    bench.add_argument("--zoom", default="3", help="HR zoom(s) over the LR size, comma list, e.g. 2,3,4 (default: 3)")
+    bench.add_argument("--modes", default="lowres,flex,select_all,naive_hd")
+    bench.add_argument("--depth-divisor", type=int, default=8,
+                       help="7b-shaped: LLM and tower depth divided by this (1, 2, 4, 8; default 8)")
+    bench.add_argument("--planted-share", type=float, default=0.10,
+                       help="7b-shaped: share of HR tokens flex selects, as a compact square (0: no planting)")
+    bench.add_argument("--planted-center", default="0.5,0.5", help="7b-shaped: centre y,x of that square (fractions)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed calls per mode (median reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed calls per mode before the repeats")
+    bench.add_argument("--decode-steps", type=int, default=4, help="greedy decoding steps timed after prefill")
+    bench.add_argument("--followup-tokens", type=int, default=4, help="max_new_tokens of the follow-up case")
+    bench.add_argument("--naive-max-zoom", type=int, default=None,
+                       help="time naive_hd only up to this zoom (its FLOPs are reported at every zoom)")
+    bench.add_argument("--lazy-samples", type=int, default=4, help="benchmark images for the lazy-HR check "
+                                                                   "(trained models)")
+    bench.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="default: bfloat16 on CUDA; on the CPU bfloat16 for 7b-shaped where the CPU has native "
+                            "bf16 matmuls, else float32")
+    bench.add_argument("--html", default="bench.html", help="chart file (default bench.html; '' for none)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
