@@ -112,6 +112,7 @@ class FlexState:
         keep_lr_maps: bool = False,
         planted_selection: torch.Tensor | None = None,
         shift_selection: tuple[int, int] | None = None,
+        avl=None,
     ):
         self.mode = check_mode(mode)
         if self.mode != "lowres" and hr_features is None:
@@ -129,6 +130,7 @@ class FlexState:
         self.keep_lr_maps = keep_lr_maps
         self.planted_selection = planted_selection
         self.shift_selection = shift_selection
+        self.avl = avl  # flexattn.avl.AVLCache, also passed to generate as past_key_values
         self.lr_maps: list[tuple[int, torch.Tensor]] = []
         self.pass_index = -1
         self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
@@ -137,6 +139,8 @@ class FlexState:
     def begin_pass(self) -> None:
         self.pass_index += 1
         self.hr_mask = None
+        if self.avl is not None:
+            self.avl.step = self.pass_index
 
     def query_rows(self, batch: int, q_len: int, device) -> torch.Tensor:
         if self.rows is not None:
@@ -144,7 +148,8 @@ class FlexState:
         return torch.full((batch, 1), q_len - 1, dtype=torch.long, device=device)
 
     def needs_rows(self, layer: int) -> bool:
-        return (self.mode != "lowres" and layer >= self.settings.selection_layer) or self.recorder is not None
+        selecting = self.mode != "lowres" and layer >= self.settings.selection_layer
+        return selecting or self.recorder is not None or self.avl is not None
 
     def hr_attended(self, num_layers: int) -> list[list[int]]:
         """HR tokens the last query row attended, per pass and layer (batch row 0); 0 where none."""
@@ -187,6 +192,17 @@ def _row_bias(attention_mask, rows, q_len, kv_len, dtype, device) -> torch.Tenso
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _lr_map_from_positions(probs: torch.Tensor, positions: torch.Tensor, state: FlexState) -> torch.Tensor:
+    """(B, H, R, N) probabilities over cache entries at `positions` -> (B, R, g, g) head-summed LR map."""
+    g = state.lr_grid
+    cells = positions.to(probs.device) - state.image_start
+    visual = (cells >= 0) & (cells < g * g)
+    summed = probs.sum(1)  # (B, R, N)
+    lr_map = summed.new_zeros(*summed.shape[:2], g * g)
+    lr_map[..., cells[visual]] = summed[..., visual]
+    return lr_map.reshape(*summed.shape[:2], g, g)
+
+
 def _hr_keys_values(module, state: FlexState, hr_mask: torch.Tensor):
     """Keys/values of the HR tokens the rows may attend to, plus a (B, 1, R, M) additive mask over them."""
     hr = state.hr_features
@@ -219,9 +235,20 @@ def flex_attention_forward(
     **kwargs,
 ):
     """Registered as attention implementation "flexattn"; with no state (or lowres and no trace) it is SDPA."""
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     state = flex_state
     layer = module.layer_idx
+    avl = state.avl if state is not None else None
+    cached_key = key  # every cached entry (A-VL may attend to a subset of them)
+    attended = None
+    if avl is not None:
+        attended = avl.attended(layer)
+        if attended is not None:  # decoding with A-VL: only the core visual tokens (and all kept text)
+            index = attended.to(key.device)
+            key, value = key.index_select(2, index), value.index_select(2, index)
+            attention_mask = None  # one query row; every attended entry is allowed
+        else:
+            attention_mask = avl.prefill_mask(layer, query.shape[2], attention_mask, query.device)
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if state is None or not state.needs_rows(layer):
         return output, None
 
@@ -235,9 +262,20 @@ def flex_attention_forward(
     scores = scores + _row_bias(attention_mask, rows, q_len, kv_len, scores.dtype, scores.device)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # text + LR only: drives selection
 
-    g = state.lr_grid
-    start = state.image_start
-    lr_map = probs[..., start : start + g * g].sum(1).reshape(b, -1, g, g)  # (B, R, g, g), summed over heads
+    if avl is None:
+        g, start = state.lr_grid, state.image_start
+        lr_map = probs[..., start : start + g * g].sum(1).reshape(b, -1, state.lr_grid, state.lr_grid)
+    else:
+        map_probs, map_index = probs, attended
+        if attended is not None and avl.settings.selection_scores == "secondary":
+            # score selection over every cached visual token, not only the core this step attends to
+            all_keys = repeat_kv(cached_key, module.num_key_value_groups)
+            map_probs = F.softmax((q_rows @ all_keys.transpose(2, 3)) * scaling, dim=-1, dtype=torch.float32)
+            map_index = None
+        lr_map = _lr_map_from_positions(map_probs, avl.positions(layer, map_index), state)
+        if state.recorder is not None:
+            state.recorder.record_avl(state, layer, avl.visual_states(layer, state.lr_grid ** 2), attended is None)
+        avl.observe(layer, probs[0, :, -1].mean(0), attended)
 
     settings = state.settings
     uses_hr = state.mode != "lowres" and layer > settings.selection_layer and state.hr_mask is not None

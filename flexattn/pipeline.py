@@ -26,6 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from . import cost
 from .attention import FlexState
+from .avl import AVLCache, AVLSettings
 from .hr_features import HRFeatures
 from .image import ImageViews, load_image, make_views
 from .loading import LoadedModel, load
@@ -275,6 +276,7 @@ class FlexVLM:
         reuse_prefix: bool | None = None,
         planted_selection: torch.Tensor | None = None,
         shift_selection: tuple[int, int] | None = None,
+        avl: AVLSettings | dict | bool | None = None,
         streamer: BaseStreamer | None = None,
     ) -> Answer:
         mode = check_mode(mode)
@@ -297,15 +299,20 @@ class FlexVLM:
             inputs_embeds = self._embed(prepared, ids_before, ids_after)
             image_start = len(ids_before)
             prompt_key = (*ids_before, *[-1] * prepared.lr_grid**2, *ids_after)
-            reuse = self.reuse_prefix if reuse_prefix is None else reuse_prefix
+            avl_settings = _avl_settings(avl)
+            # A-VL evicts from the cache, so its caches are never reused as a prompt prefix.
+            reuse = (self.reuse_prefix if reuse_prefix is None else reuse_prefix) and avl_settings is None
             cache = self._reusable_prefix(prepared, prompt_key) if reuse else None
             reused = cache.get_seq_length() if cache is not None else 0
+            if avl_settings is not None:
+                cache = AVLCache(avl_settings, n_layers, len(ids_before), prepared.lr_grid**2)
             device = self.device
             g, G = prepared.lr_grid, prepared.hr_grid
             recorder = None
             if trace:
                 recorder = TraceRecorder(g, G, settings.selection_layer, None if trace is True else int(trace))
             state = self.flex_state(prepared, mode, settings, image_start, recorder, planted_selection, shift_selection)
+            state.avl = cache if avl_settings is not None else None
             timer = _Timer(streamer)
             if seed is not None:
                 torch.manual_seed(seed)
@@ -323,6 +330,7 @@ class FlexVLM:
                     return_dict_in_generate=True,
                     **sampling,
                 )
+            kv_bytes = [_layer_nbytes(layer) for layer in output.past_key_values.layers]
             if reuse:
                 self._keep_prefix(prepared, prompt_key, output.past_key_values)
         output = output.sequences
@@ -350,6 +358,8 @@ class FlexVLM:
             "hr_attended_mean": _mean_attended(attended, settings.selection_layer),
             "hr_crops_encoded": crops,
             "prefix_tokens_reused": reused,
+            "kv_bytes": sum(kv_bytes),  # held by the cache at the end of generation
+            "kv_bytes_per_layer": kv_bytes,
             "latency_s": {
                 "vision": vision_seconds,
                 "prefill": times[1] - times[0] if passes else 0.0,
@@ -360,6 +370,15 @@ class FlexVLM:
             "tflops": flops["total"] / 1e12,
             "untrained_hr_projections": settings.untrained_hr_projections,
         }
+        if avl_settings is not None:
+            steps = cache.visual_attended[1:]  # decoding steps (the prefill attends to every image token)
+            per_step = [sum(layers) / len(layers) for layers in steps if layers]
+            mean_visual = sum(per_step) / len(per_step) if per_step else float(g * g)
+            stats["avl"] = {
+                "settings": avl_settings.to_dict(),
+                "visual_attended_per_step": per_step,
+                "visual_attention_ratio": mean_visual / (g * g),
+            }
         return Answer(
             text=text,
             mode=mode,
@@ -369,6 +388,20 @@ class FlexVLM:
             trace=recorder.finish() if recorder else None,
             settings=settings.to_dict(),
         )
+
+
+def _avl_settings(avl) -> AVLSettings | None:
+    if avl is None or avl is False:
+        return None
+    if avl is True:
+        return AVLSettings()
+    return avl if isinstance(avl, AVLSettings) else AVLSettings(**avl)
+
+
+def _layer_nbytes(layer) -> int:
+    if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
+        return 0
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
 
 
 def _mean_attended(attended: list[list[int]], selection_layer: int) -> float:

@@ -24,6 +24,8 @@ class LayerTrace:
     hr_attention_share: float = 0.0  # mean over heads of the attention mass on HR tokens
     hr_attention: np.ndarray | None = None  # (G, G) float32
     selected: np.ndarray | None = None  # (G, G) bool, computed at this layer
+    avl_state: np.ndarray | None = None  # (g, g) int8 with A-VL: 0 evicted, 1 secondary, 2 core (before this pass)
+    avl_refresh: bool = False  # this pass attended every cached visual token (prefill or a refresh step)
 
     @property
     def selected_count(self) -> int:
@@ -67,7 +69,8 @@ class TraceRecorder:
     def record(self, state, layer: int, lr_map: torch.Tensor, hr_probs: torch.Tensor | None) -> None:
         if not self._active(state):
             return
-        entry = {"lr": lr_map[0, -1].detach().float().cpu()}
+        entry = self._records.setdefault((state.pass_index, layer), {})
+        entry["lr"] = lr_map[0, -1].detach().float().cpu()
         if hr_probs is not None:
             used = state.hr_mask[0].any(0)  # the columns _hr_keys_values kept (all of them when batched)
             per_token = hr_probs[0, :, -1].detach().float().sum(0)  # summed over heads
@@ -78,7 +81,12 @@ class TraceRecorder:
             entry["hr"] = full.cpu()
             entry["hr_attended"] = int(state.hr_mask[0, -1].sum())
             entry["hr_share"] = float(per_token.sum()) / hr_probs.shape[1]
-        self._records[(state.pass_index, layer)] = entry
+
+    def record_avl(self, state, layer: int, visual_states: torch.Tensor, all_attended: bool) -> None:
+        if self._active(state):
+            entry = self._records.setdefault((state.pass_index, layer), {})
+            entry["avl"] = visual_states.clone()
+            entry["avl_refresh"] = all_attended
 
     def record_selection(self, state, layer: int, mask: torch.Tensor) -> None:
         if self._active(state):
@@ -103,6 +111,8 @@ class TraceRecorder:
                         hr_attention_share=e.get("hr_share", 0.0),
                         hr_attention=e["hr"].reshape(G, G).numpy() if "hr" in e else None,
                         selected=e["selected"].reshape(G, G).numpy() if "selected" in e else None,
+                        avl_state=e["avl"].reshape(g, g).numpy() if "avl" in e else None,
+                        avl_refresh=e.get("avl_refresh", False),
                     )
                 )
             trace.passes.append(layers)

@@ -1,0 +1,221 @@
+"""A-VL (Zhang et al., AAAI 2025): modality-aware KV-cache handling during decoding, as a transformers Cache.
+
+Visual tokens are "remote": after prefill each layer keeps the top (1 - vision_evict_rate) image tokens by the last
+prompt token's attention (the "secondary" set) and drops the rest; of those, the top (1 - compute_skip_rate) form
+the "core". Decoding steps attend to core visual tokens only; every `refresh_every`-th step attends to the whole
+secondary set and re-ranks the core by that step's attention. Text tokens after the image are "local": once more
+than max(min_text_budget, (1 - text_evict_rate) * n) of them are held, the cache keeps 70 % heavy hitters (by
+accumulated attention) and 30 % most recent. Tokens before the image are never evicted. Cached keys keep their
+rotary positions, so eviction never shifts anyone's position.
+
+FlexAttention meets A-VL where the LR attention map is formed: a visual token out of the core gets no attention on
+ordinary steps, so it could never steer HR selection. With `selection_scores="secondary"` (default) the map that
+drives selection is scored over every cached (secondary) visual token, while the output still attends to the core
+only; "attended" uses the attended tokens alone (cheaper; selection then sees only the core).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+PREFIX, VISUAL, TEXT = 0, 1, 2  # kinds of cached tokens
+
+
+@dataclass(frozen=True)
+class AVLSettings:
+    vision_evict_rate: float = 0.5
+    compute_skip_rate: float = 0.7
+    refresh_every: int = 3
+    text_evict_rate: float = 0.4
+    min_text_budget: int = 20
+    heavy_share: float = 0.7
+    selection_scores: str = "secondary"  # or "attended"
+    prefill_filter_layer: int | None = None  # FastV-style: after this layer keep only `prefill_keep` of the image
+    prefill_keep: float = 0.5
+
+    def __post_init__(self):
+        for name in ("vision_evict_rate", "compute_skip_rate", "text_evict_rate", "heavy_share", "prefill_keep"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+        if self.selection_scores not in ("secondary", "attended"):
+            raise ValueError(f"selection_scores must be 'secondary' or 'attended', got {self.selection_scores!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _top(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Indices of the top ceil(share * n) scores (ties: earlier first), in ascending index order."""
+    k = math.ceil(share * scores.numel() - 1e-9)
+    if k >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+class AVLLayer(DynamicLayer):
+    """One layer's cache: physical keys/values plus each entry's original position, kind and A-VL bookkeeping."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0  # tokens this layer has seen: positions keep counting across evictions
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self.core = torch.zeros(0, dtype=torch.bool)  # meaningful for visual entries
+        self.score = torch.zeros(0)  # accumulated attention (text heavy hitters)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        keys, values = super().update(key_states, value_states)
+        self.positions = torch.cat([self.positions, torch.arange(self.seen, self.seen + n)])
+        self.core = torch.cat([self.core, torch.ones(n, dtype=torch.bool)])
+        self.score = torch.cat([self.score, torch.zeros(n)])
+        self.seen += n
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen  # position ids of new tokens continue from here
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2] + query_length if self.is_initialized else query_length, 0
+
+    def keep(self, index: torch.Tensor) -> None:
+        device_index = index.to(self.keys.device)
+        self.keys = self.keys.index_select(-2, device_index)
+        self.values = self.values.index_select(-2, device_index)
+        self.positions, self.core, self.score = self.positions[index], self.core[index], self.score[index]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class AVLCache(DynamicCache):
+    """KV cache with A-VL eviction; pass as `past_key_values` and give the same object to `FlexState(avl=...)`."""
+
+    def __init__(self, settings: AVLSettings, num_layers: int, image_start: int, image_tokens: int):
+        Cache.__init__(self, layers=[AVLLayer() for _ in range(num_layers)])
+        self.settings = settings
+        self.image_start, self.image_end = image_start, image_start + image_tokens
+        self.step = 0  # decoding step (0 during prefill); FlexState.begin_pass keeps it in step with the passes
+        self.visual_attended: list[list[int]] = []  # [step][layer] visual tokens the query attended
+        self.prefill_dropped: torch.Tensor | None = None  # image positions the FastV-style filter removed
+
+    # ---- what a pass attends to ---------------------------------------------------------------------------
+    def kinds(self, positions: torch.Tensor) -> torch.Tensor:
+        kind = torch.full_like(positions, TEXT)
+        kind[positions < self.image_start] = PREFIX
+        kind[(positions >= self.image_start) & (positions < self.image_end)] = VISUAL
+        return kind
+
+    def is_refresh(self) -> bool:
+        return self.step > 0 and self.step % self.settings.refresh_every == 0
+
+    def attended(self, layer: int) -> torch.Tensor | None:
+        """Cache entries the decoding query attends to at `layer` (None: all of them)."""
+        if self.step == 0 or self.is_refresh():
+            return None
+        cache = self.layers[layer]
+        visual = self.kinds(cache.positions) == VISUAL
+        keep = ~visual | cache.core
+        return None if bool(keep.all()) else keep.nonzero().squeeze(1)
+
+    def positions(self, layer: int, index: torch.Tensor | None) -> torch.Tensor:
+        positions = self.layers[layer].positions
+        return positions if index is None else positions[index]
+
+    def prefill_mask(self, layer: int, q_len: int, attention_mask, device) -> torch.Tensor | None:
+        """With the prefill filter on, layers after `prefill_filter_layer` no longer see the dropped image tokens."""
+        s = self.settings
+        if self.step or s.prefill_filter_layer is None or layer <= s.prefill_filter_layer or self.prefill_dropped is None:
+            return attention_mask
+        n = self.layers[layer].keys.shape[-2]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        dropped = torch.zeros(n, dtype=torch.bool, device=device)
+        dropped[self.prefill_dropped.to(device)] = True
+        allowed &= ~dropped[None, :] | torch.eye(n, dtype=torch.bool, device=device)  # a dropped row sees itself only
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask[0, 0, -q_len:, :n]
+        return allowed[None, None, -q_len:]
+
+    # ---- after a layer's attention: rank, refresh, evict -----------------------------------------------
+    def observe(self, layer: int, probs: torch.Tensor, index: torch.Tensor | None) -> None:
+        """probs: (N_attended,) the last query row's attention over the attended entries, mean over heads."""
+        cache = self.layers[layer]
+        probs = probs.detach().float().cpu()
+        positions = self.positions(layer, index)
+        visual = self.kinds(positions) == VISUAL
+        if self.step == 0:
+            self._after_prefill(layer, probs)
+        else:
+            full = torch.zeros(len(cache.positions))
+            full[index if index is not None else slice(None)] = probs
+            cache.score += full  # text heavy hitters accumulate the attention they receive
+            if self.is_refresh():
+                self._rank_core(cache, full)
+            self._evict_text(cache)
+        if len(self.visual_attended) <= self.step:
+            self.visual_attended.append([])
+        self.visual_attended[self.step].append(int(visual.sum()))
+
+    def _after_prefill(self, layer: int, probs: torch.Tensor) -> None:
+        cache = self.layers[layer]
+        s = self.settings
+        visual = (self.kinds(cache.positions) == VISUAL).nonzero().squeeze(1)
+        if s.prefill_filter_layer is not None and layer == s.prefill_filter_layer:
+            kept = visual[_top(probs[visual], s.prefill_keep)]
+            mask = torch.ones(len(visual), dtype=torch.bool)
+            mask[torch.isin(visual, kept)] = False
+            self.prefill_dropped = cache.positions[visual[mask]]
+        if self.prefill_dropped is not None and s.prefill_filter_layer is not None and layer > s.prefill_filter_layer:
+            alive = ~torch.isin(cache.positions[visual], self.prefill_dropped)
+            visual, probs_visual = visual[alive], probs[visual[alive]]
+        else:
+            probs_visual = probs[visual]
+        secondary = visual[_top(probs_visual, 1 - s.vision_evict_rate)]
+        keep = torch.ones(len(cache.positions), dtype=torch.bool)
+        keep[(self.kinds(cache.positions) == VISUAL)] = False
+        keep[secondary] = True
+        self._rank_core(cache, probs, among=secondary)
+        cache.keep(keep.nonzero().squeeze(1))
+
+    def _rank_core(self, cache: AVLLayer, scores: torch.Tensor, among: torch.Tensor | None = None) -> None:
+        if among is None:
+            among = (self.kinds(cache.positions) == VISUAL).nonzero().squeeze(1)
+        cache.core[among] = False
+        cache.core[among[_top(scores[among], 1 - self.settings.compute_skip_rate)]] = True
+
+    def _evict_text(self, cache: AVLLayer) -> None:
+        s = self.settings
+        text = (self.kinds(cache.positions) == TEXT).nonzero().squeeze(1)
+        seen_text = cache.seen - self.image_end
+        budget = max(s.min_text_budget, math.ceil((1 - s.text_evict_rate) * seen_text))
+        if len(text) <= budget:
+            return
+        n_recent = budget - int(s.heavy_share * budget)
+        recent = text[-n_recent:] if n_recent else text[:0]
+        older = text[: len(text) - n_recent]
+        heavy = older[_top(cache.score[older], (budget - n_recent) / max(len(older), 1))]
+        keep = torch.ones(len(cache.positions), dtype=torch.bool)
+        keep[text] = False
+        keep[recent] = True
+        keep[heavy] = True
+        cache.keep(keep.nonzero().squeeze(1))
+
+    # ---- measurements ------------------------------------------------------------------------------------
+    def nbytes_per_layer(self) -> list[int]:
+        return [layer.nbytes() for layer in self.layers]
+
+    def visual_states(self, layer: int, lr_tokens: int) -> torch.Tensor:
+        """(lr_tokens,) int8 per LR image token: 0 evicted, 1 secondary (cached, not attended), 2 core."""
+        cache = self.layers[layer]
+        visual = self.kinds(cache.positions) == VISUAL
+        state = torch.zeros(lr_tokens, dtype=torch.int8)
+        cells = cache.positions[visual] - self.image_start
+        state[cells] = torch.where(cache.core[visual], 2, 1).to(torch.int8)
+        return state
