@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .avl import AVLSettings
 from .prompt import conversation, tokenize_around_image
 from .settings import MODES
 
@@ -84,8 +85,14 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 10_000_000, modes=MODES,
-                       shifted: bool = True, max_new_tokens: int = 16, progress: bool = True) -> dict:
-    """Held-out synthetic samples (seeds from `seed` on) in each mode; see the module docstring for metrics."""
+                       shifted: bool = True, max_new_tokens: int = 16, progress: bool = True, avl=None) -> dict:
+    """Held-out synthetic samples (seeds from `seed` on) in each mode; see the module docstring for metrics.
+
+    With `avl` (AVLSettings), each mode also runs with A-VL and its block gains `kv_ratio` (A-VL KV bytes / full
+    cache KV bytes at the end of generation), `token_agreement` (share of the full cache's greedy tokens that A-VL
+    reproduces position for position), `accuracy_drop` (full minus A-VL accuracy), `visual_attention_ratio`
+    (visual tokens attended per decoding step / LR image tokens) and `avl_accuracy`.
+    """
     from .synthetic import make_split
 
     families = BENCH_FAMILIES[bench]
@@ -93,6 +100,8 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
     runs = [(mode, None) for mode in modes]
     if shifted and "flex" in modes:
         runs.append(("flex", "shifted"))
+    if avl is not None:
+        runs += [(mode, "avl") for mode in modes]
     per_run: dict[tuple, list[dict]] = defaultdict(list)
     bar = tqdm(total=len(samples) * len(runs), desc=f"eval {bench}", disable=not progress)
     for sample in samples:
@@ -101,9 +110,12 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
         for mode, variant in runs:
             shift = (G // 3, G // 3) if variant == "shifted" else None
             answer = vlm.answer(prepared, sample.question, mode=mode, max_new_tokens=max_new_tokens,
-                                shift_selection=shift, reuse_prefix=False)
+                                shift_selection=shift, reuse_prefix=False, avl=avl if variant == "avl" else None)
             stats = answer.stats
             per_run[(mode, variant)].append({
+                "tokens": answer.token_ids,
+                "kv_bytes": stats["kv_bytes"],
+                "visual_ratio": stats["avl"]["visual_attention_ratio"] if "avl" in stats else None,
                 "family": sample.family,
                 "correct": float(normalise(answer.text) == normalise(sample.answer)),
                 "hr_share": stats["hr_attended_mean"] / stats["hr_tokens"] if mode != "lowres" else 0.0,
@@ -119,8 +131,26 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
         block["families"] = {f: _summary([r for r in rows if r["family"] == f]) for f in families}
         if (mode, "shifted") in per_run:
             block["shifted_mask_accuracy"] = _summary(per_run[(mode, "shifted")])["accuracy"]
+        if (mode, "avl") in per_run:
+            block.update(_avl_comparison(rows, per_run[(mode, "avl")]))
         out["modes"][mode] = block
+    if avl is not None:
+        out["avl"] = avl.to_dict()
     return out
+
+
+def _avl_comparison(full: list[dict], avl: list[dict]) -> dict:
+    agreement = [
+        sum(a == b for a, b in zip(f["tokens"], v["tokens"])) / max(len(f["tokens"]), 1) for f, v in zip(full, avl)
+    ]
+    full_acc, avl_acc = np.mean([r["correct"] for r in full]), np.mean([r["correct"] for r in avl])
+    return {
+        "avl_accuracy": float(avl_acc),
+        "kv_ratio": float(np.mean([v["kv_bytes"] / f["kv_bytes"] for f, v in zip(full, avl)])),
+        "token_agreement": float(np.mean(agreement)),
+        "accuracy_drop": float(full_acc - avl_acc),
+        "visual_attention_ratio": float(np.mean([v["visual_ratio"] for v in avl])),
+    }
 
 
 # ---- V* Bench ---------------------------------------------------------------------------------------------------
@@ -192,6 +222,10 @@ def format_table(result: dict) -> str:
                          f"{fmt(b.get('selection_recall'), '8.3f')}{fmt(b.get('tflops'), '11.2e')}")
         if "shifted_mask_accuracy" in block:
             lines.append(f"{mode:<11}{'shifted':<11}{block['shifted_mask_accuracy']:9.3f}   (every mask rolled by G/3)")
+        if "kv_ratio" in block:
+            lines.append(f"{mode:<11}{'A-VL':<11}{block['avl_accuracy']:9.3f}   kv_ratio {block['kv_ratio']:.3f}  "
+                         f"token_agreement {block['token_agreement']:.3f}  accuracy_drop {block['accuracy_drop']:+.3f}  "
+                         f"visual_attention_ratio {block['visual_attention_ratio']:.3f}")
     return "\n".join(lines)
 
 
@@ -205,6 +239,12 @@ def add_parser(sub, add_model_args) -> None:
     parser.add_argument("--vstar-dir", default=None, help="V* Bench directory (with direct_attributes/ ...)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--no-shifted", action="store_true", help="skip the shifted-mask control")
+    parser.add_argument("--avl", action="store_true", help="also run every mode with A-VL and compare")
+    parser.add_argument("--avl-selection", default="secondary", choices=["secondary", "attended"],
+                        help="A-VL: score FlexAttention's selection over all cached visual tokens or the attended core")
+    for name, default in (("vision-evict-rate", 0.5), ("compute-skip-rate", 0.7), ("text-evict-rate", 0.4)):
+        parser.add_argument(f"--{name}", type=float, default=default, help="A-VL rate")
+    parser.add_argument("--refresh-every", type=int, default=3, help="A-VL refresh period (steps)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_cli)
 
@@ -222,7 +262,12 @@ def run_cli(args) -> int:
             raise ValueError("--bench vstar needs --vstar-dir DIR")
         result = evaluate_vstar(vlm, args.vstar_dir, modes, progress=not args.json)
     else:
+        avl = None
+        if args.avl:
+            avl = AVLSettings(vision_evict_rate=args.vision_evict_rate, compute_skip_rate=args.compute_skip_rate,
+                              text_evict_rate=args.text_evict_rate, refresh_every=args.refresh_every,
+                              selection_scores=args.avl_selection)
         result = evaluate_synthetic(vlm, args.bench, args.n, args.seed, modes, shifted=not args.no_shifted,
-                                    max_new_tokens=args.max_new_tokens, progress=True)
+                                    max_new_tokens=args.max_new_tokens, progress=True, avl=avl)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -42,10 +42,19 @@ def test_synthetic_eval_json_fields(synthetic_vlm):
     assert "flex" in format_table(result)
 
 
-def test_long_bench_is_the_reading_family(synthetic_vlm):
+def test_long_bench_is_the_reading_family_and_avl_fields(synthetic_vlm):
+    from flexattn.avl import AVLSettings
+
     result = evaluate_synthetic(synthetic_vlm, "synthetic-long", n=2, modes=("flex",), shifted=False,
-                                progress=False, max_new_tokens=3)
-    assert set(result["modes"]["flex"]["families"]) == {"reading"}
+                                progress=False, max_new_tokens=6, avl=AVLSettings())
+    block = result["modes"]["flex"]
+    assert set(block["families"]) == {"reading"}
+    assert 0 < block["kv_ratio"] < 1 and 0 <= block["token_agreement"] <= 1
+    assert -1 <= block["accuracy_drop"] <= 1 and 0 < block["visual_attention_ratio"] < 1
+    zero = evaluate_synthetic(synthetic_vlm, "synthetic-long", n=2, modes=("flex",), shifted=False, progress=False,
+                              max_new_tokens=6,
+                              avl=AVLSettings(vision_evict_rate=0, compute_skip_rate=0, text_evict_rate=0))
+    assert zero["modes"]["flex"]["kv_ratio"] == 1 and zero["modes"]["flex"]["token_agreement"] == 1
 
 
 def test_hr_cells_follow_square_padding():
