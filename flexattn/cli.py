@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--html", default="bench.html", help="chart file (default bench.html; '' for none)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
+
+    from . import evaluate  # its own parser, beside its runner
+
+    evaluate.add_parser(sub, _add_model_args)
     return parser
 
 
