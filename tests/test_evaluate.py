@@ -78,3 +78,20 @@ def test_vstar_layout_and_option_scoring(synthetic_vlm, tmp_path):
     result = evaluate_vstar(synthetic_vlm, tmp_path, modes=("lowres", "flex"), progress=False)
     for block in result["modes"].values():
         assert block["accuracy"] in (0.0, 0.5, 1.0)
+
+
+def test_eval_cli_prints_one_json_object(synthetic_vlm, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import write_transformers_checkpoint
+
+    path = write_transformers_checkpoint(synthetic_vlm, tmp_path / "ckpt")
+    out = subprocess.run(
+        [sys.executable, "-m", "flexattn", "eval", "--model", str(path), "--bench", "synthetic", "--n", "2",
+         "--modes", "lowres,flex", "--max-new-tokens", "2", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result["modes"]) == {"lowres", "flex"} and "shifted_mask_accuracy" in result["modes"]["flex"]
