@@ -235,62 +235,34 @@ def flex_attention_forward(
     **kwargs,
 ):
     """Registered as attention implementation "flexattn"; with no state (or lowres and no trace) it is SDPA."""
-    state = flex_state
-    layer = module.layer_idx
+    state, layer = flex_state, module.layer_idx
     avl = state.avl if state is not None else None
-    cached_key = key  # every cached entry (A-VL may attend to a subset of them)
-    attended = None
+    cached_key, attended = key, None
     if avl is not None:
-        attended = avl.attended(layer)
-        if attended is not None:  # decoding with A-VL: only the core visual tokens (and all kept text)
-            index = attended.to(key.device)
-            key, value = key.index_select(2, index), value.index_select(2, index)
-            attention_mask = None  # one query row; every attended entry is allowed
-        else:
-            attention_mask = avl.prefill_mask(layer, query.shape[2], attention_mask, query.device)
+        key, value, attention_mask, attended = _avl_restrict(avl, layer, query, key, value, attention_mask)
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if state is None or not state.needs_rows(layer):
         return output, None
 
-    b, h, q_len, d = query.shape
-    kv_len = key.shape[2]
-    rows = state.query_rows(b, q_len, query.device)  # (B, R)
-    q_rows = query.gather(2, rows[:, None, :, None].expand(b, h, -1, d))  # (B, H, R, d)
+    # The HR rows' own attention over text + LR: it drives selection, and HR attention extends it.
+    rows = state.query_rows(query.shape[0], query.shape[2], query.device)  # (B, R)
+    q_rows = query.gather(2, rows[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
     keys = repeat_kv(key, module.num_key_value_groups)
     values = repeat_kv(value, module.num_key_value_groups)
     scores = (q_rows @ keys.transpose(2, 3)) * scaling
-    scores = scores + _row_bias(attention_mask, rows, q_len, kv_len, scores.dtype, scores.device)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # text + LR only: drives selection
+    scores = scores + _row_bias(attention_mask, rows, query.shape[2], key.shape[2], scores.dtype, scores.device)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, R, N)
 
     if avl is None:
         g, start = state.lr_grid, state.image_start
-        lr_map = probs[..., start : start + g * g].sum(1).reshape(b, -1, state.lr_grid, state.lr_grid)
+        lr_map = probs[..., start : start + g * g].sum(1).reshape(probs.shape[0], -1, g, g)
     else:
-        map_probs, map_index = probs, attended
-        if attended is not None and avl.settings.selection_scores == "secondary":
-            # score selection over every cached visual token, not only the core this step attends to
-            all_keys = repeat_kv(cached_key, module.num_key_value_groups)
-            map_probs = F.softmax((q_rows @ all_keys.transpose(2, 3)) * scaling, dim=-1, dtype=torch.float32)
-            map_index = None
-        lr_map = _lr_map_from_positions(map_probs, avl.positions(layer, map_index), state)
-        if state.recorder is not None:
-            state.recorder.record_avl(state, layer, avl.visual_states(layer, state.lr_grid ** 2), attended is None)
-        avl.observe(layer, probs[0, :, -1].mean(0), attended)
+        lr_map = _avl_lr_map(module, state, avl, layer, q_rows, probs, cached_key, attended, scaling)
 
     settings = state.settings
-    uses_hr = state.mode != "lowres" and layer > settings.selection_layer and state.hr_mask is not None
     hr_probs = None
-    if uses_hr:
-        hr_keys, hr_values, hr_bias = _hr_keys_values(module, state, state.hr_mask)
-        hr_keys = repeat_kv(hr_keys, module.num_key_value_groups)
-        hr_values = repeat_kv(hr_values, module.num_key_value_groups)
-        hr_scores = (q_rows @ hr_keys.transpose(2, 3)) * scaling + hr_bias
-        joint = F.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
-        row_out = joint @ torch.cat([values, hr_values], dim=2)  # (B, H, R, d)
-        valid = state.row_valid if state.row_valid is not None else torch.ones_like(rows, dtype=torch.bool)
-        bi, ri = valid.to(rows.device).nonzero(as_tuple=True)  # padding rows must not write (or get gradient) twice
-        output = output.index_put((bi, rows[bi, ri]), row_out.transpose(1, 2)[bi, ri].to(output.dtype))
-        hr_probs = joint[..., kv_len:]
+    if state.mode != "lowres" and layer > settings.selection_layer and state.hr_mask is not None:
+        output, hr_probs = _attend_hr(module, state, rows, q_rows, scores, values, output, scaling)
         state._attended[(state.pass_index, layer)] = state.hr_mask[0, -1].sum()
 
     if state.recorder is not None:
@@ -299,10 +271,49 @@ def flex_attention_forward(
         if state.keep_lr_maps:
             state.lr_maps.append((layer, lr_map))
         with torch.no_grad():
-            state.hr_mask = state.select(lr_map.detach().float())
+            state.hr_mask = state.select(lr_map.detach().float())  # for the next layer of this pass
         if state.recorder is not None:
             state.recorder.record_selection(state, layer, state.hr_mask)
     return output, None
+
+
+def _attend_hr(module, state: FlexState, rows, q_rows, scores, values, output, scaling):
+    """Replace the HR rows' outputs by softmax([q.K_text+LR ; q.K_HR]) . [V_text+LR ; V_HR]."""
+    hr_keys, hr_values, hr_bias = _hr_keys_values(module, state, state.hr_mask)
+    hr_keys = repeat_kv(hr_keys, module.num_key_value_groups)
+    hr_values = repeat_kv(hr_values, module.num_key_value_groups)
+    hr_scores = (q_rows @ hr_keys.transpose(2, 3)) * scaling + hr_bias
+    joint = F.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32).to(q_rows.dtype)
+    row_out = joint @ torch.cat([values, hr_values], dim=2)  # (B, H, R, d)
+    valid = state.row_valid if state.row_valid is not None else torch.ones_like(rows, dtype=torch.bool)
+    bi, ri = valid.to(rows.device).nonzero(as_tuple=True)  # padding rows must not write (or get gradient) twice
+    output = output.index_put((bi, rows[bi, ri]), row_out.transpose(1, 2)[bi, ri].to(output.dtype))
+    return output, joint[..., scores.shape[-1] :]
+
+
+def _avl_restrict(avl, layer, query, key, value, attention_mask):
+    """A-VL: a decoding step attends to the kept text and the core visual tokens only."""
+    attended = avl.attended(layer)
+    if attended is None:  # prefill (possibly with the prefill filter) or a refresh step: every cached entry
+        return key, value, avl.prefill_mask(layer, query.shape[2], attention_mask, query.device), None
+    index = attended.to(key.device)
+    # one query row, and every attended entry is allowed: no mask
+    return key.index_select(2, index), value.index_select(2, index), None, attended
+
+
+def _avl_lr_map(module, state: FlexState, avl, layer, q_rows, probs, cached_key, attended, scaling):
+    """The LR map over cache entries (whose positions A-VL tracks), then A-VL's own bookkeeping for this layer."""
+    map_probs, map_index = probs, attended
+    if attended is not None and avl.settings.selection_scores == "secondary":
+        # score selection over every cached visual token, not only the core this step attends to
+        all_keys = repeat_kv(cached_key, module.num_key_value_groups)
+        map_probs = F.softmax((q_rows @ all_keys.transpose(2, 3)) * scaling, dim=-1, dtype=torch.float32)
+        map_index = None
+    lr_map = _lr_map_from_positions(map_probs, avl.positions(layer, map_index), state)
+    if state.recorder is not None:
+        state.recorder.record_avl(state, layer, avl.visual_states(layer, state.lr_grid**2), attended is None)
+    avl.observe(layer, probs[0, :, -1].mean(0), attended)
+    return lr_map
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, flex_attention_forward)
