@@ -376,6 +376,10 @@ class FlexVLM:
             mean_visual = sum(per_step) / len(per_step) if per_step else float(g * g)
             stats["avl"] = {
                 "settings": avl_settings.to_dict(),
+                # what the same cache would hold without eviction: every seen token at this layer's entry size
+                "kv_bytes_full_cache": sum(
+                    layer.seen * layer.nbytes() // max(layer.keys.shape[-2], 1) for layer in cache.layers
+                ),
                 "visual_attended_per_step": per_step,
                 "visual_attention_ratio": mean_visual / (g * g),
             }

@@ -93,7 +93,7 @@ def test_all_rates_zero_equals_full_cache(mode):
     full = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=10, reuse_prefix=False)
     zero = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=10, avl=ZERO)
     assert zero.token_ids == full.token_ids and len(full.token_ids) == 10
-    assert zero.stats["kv_bytes"] == full.stats["kv_bytes"]
+    assert zero.stats["kv_bytes"] == full.stats["kv_bytes"] == zero.stats["avl"]["kv_bytes_full_cache"]
     for pf, pz in zip(full.trace.passes, zero.trace.passes):
         for lf, lz in zip(pf, pz):
             assert np.array_equal(lf.lr_attention, lz.lr_attention)
@@ -106,7 +106,7 @@ def test_default_avl_holds_less_and_attends_to_fewer_visual_tokens():
     image = random_image(90, 60, seed=3)
     full = vlm.answer(image, QUESTION, mode="flex", max_new_tokens=10, reuse_prefix=False)
     avl = vlm.answer(image, QUESTION, mode="flex", max_new_tokens=10, avl=True)
-    assert avl.stats["kv_bytes"] < full.stats["kv_bytes"]
+    assert avl.stats["kv_bytes"] < full.stats["kv_bytes"] == avl.stats["avl"]["kv_bytes_full_cache"]
     assert 0 < avl.stats["avl"]["visual_attention_ratio"] < 0.5
     states = avl.trace.passes[1][2].avl_state  # first decoding step, layer 2
     assert states.shape == (6, 6) and set(np.unique(states)) <= {0, 1, 2}
