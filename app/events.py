@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from flexattn import MODES, Answer, ImageError, PromptError, load_image
+from flexattn.avl import AVLSettings
 from flexattn.cost import flex_pass_extra_flops
 from flexattn.prompt import check_question
 
@@ -27,7 +28,31 @@ from .geometry import Frame, selection_recall
 
 log = logging.getLogger(__name__)
 
-COMPARE_HEADERS = ["mode", "answer", "HR tokens attended (mean/layer)", "TFLOPs", "latency (s)"]
+COMPARE_HEADERS = ["mode", "A-VL", "answer", "HR tokens attended (mean/layer)", "TFLOPs", "latency (s)",
+                   "KV cache (KiB)", "visual attention ratio"]
+AVL_DEFAULTS = AVLSettings()  # the authors' rates; the page's A-VL sliders start here
+
+
+def avl_options(on: bool, vision_evict_rate: float = AVL_DEFAULTS.vision_evict_rate,
+                compute_skip_rate: float = AVL_DEFAULTS.compute_skip_rate,
+                refresh_every: int = AVL_DEFAULTS.refresh_every,
+                text_evict_rate: float = AVL_DEFAULTS.text_evict_rate,
+                selection_scores: str = AVL_DEFAULTS.selection_scores) -> dict | None:
+    """The page's A-VL switch and settings as the `avl=` argument of FlexVLM.answer/stream (None when off)."""
+    if not on:
+        return None
+    avl = dict(vision_evict_rate=float(vision_evict_rate), compute_skip_rate=float(compute_skip_rate),
+               refresh_every=int(refresh_every), text_evict_rate=float(text_evict_rate),
+               selection_scores=str(selection_scores))
+    try:
+        AVLSettings(**avl)
+    except (TypeError, ValueError) as err:
+        raise gr.Error(f"A-VL: {err}", title="Cannot do that") from None
+    return avl
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.1f} KiB"
 
 
 def new_session() -> dict:
@@ -151,7 +176,7 @@ class Events:
 
     def options(self, mode: str, threshold: float | None, selection_layer: int | None, max_new_tokens: int,
                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                trace: bool | int = True) -> dict:
+                trace: bool | int = True, avl: dict | None = None) -> dict:
         if mode not in MODES:
             raise gr.Error(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", title="Cannot do that")
         if trace is True:
@@ -166,17 +191,24 @@ class Events:
             top_p=float(top_p) if do_sample else 1.0,
             seed=None if seed is None or seed == "" else int(seed),
             trace=trace,
+            avl=avl,
         )
 
     def answer_turn(self, state: dict, mode: str = "flex", threshold: float | None = None,
                     selection_layer: int | None = None, max_new_tokens: int = 64, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                    image: str | None = None, question: str | None = None,
+                    image: str | None = None, question: str | None = None, avl: bool = False,
+                    vision_evict_rate: float = AVL_DEFAULTS.vision_evict_rate,
+                    compute_skip_rate: float = AVL_DEFAULTS.compute_skip_rate,
+                    refresh_every: int = AVL_DEFAULTS.refresh_every,
+                    text_evict_rate: float = AVL_DEFAULTS.text_evict_rate,
+                    selection_scores: str = AVL_DEFAULTS.selection_scores,
                     ) -> Iterator[tuple[list, dict, str]]:
         """Stream the answer to the pending question into the chat; keep its trace for the figures.
 
         `image` / `question` (the page's current inputs) cover a session whose pending turn was overwritten by a
-        concurrent image-change event; the API can leave them out.
+        concurrent image-change event; the API can leave them out. `avl` switches A-VL on for this answer, with
+        the rates that follow it.
         """
         state = state or new_session()
         if image:
@@ -189,10 +221,16 @@ class Events:
         question = state.get("pending")
         if not question or not state.get("image_path"):
             raise gr.Error("Ask a question about an image first.", title="Nothing to answer")
+        try:
+            avl_settings = avl_options(avl, vision_evict_rate, compute_skip_rate, refresh_every, text_evict_rate,
+                                       selection_scores)
+        except gr.Error:
+            state["pending"] = None
+            raise
         chat = [*state["chat"], {"role": "user", "content": question}]
         try:
             options = self.options(mode, threshold, selection_layer, max_new_tokens, do_sample, temperature,
-                                   top_p, seed)
+                                   top_p, seed, avl=avl_settings)
             partial, result = "", None
             for part in runtime.stream_answer(state["image_path"], question, {**options, "history": state["history"]}):
                 if isinstance(part, str):
@@ -249,6 +287,15 @@ class Events:
             f"{s['tflops']:.4g} TFLOPs · {lat['total']:.2f} s (vision {lat['vision']:.2f} s, prefill "
             f"{lat['prefill']:.2f} s, {lat['decode_per_token'] * 1000:.0f} ms/token)",
         ]
+        if "avl" in s:
+            a = s["avl"]
+            full = a["kv_bytes_full_cache"]
+            lines.append(f"A-VL: KV cache **{_kib(s['kv_bytes'])}** of {_kib(full)} without eviction "
+                         f"({s['kv_bytes'] / full if full else 0:.0%}) · image tokens attended per decoding step "
+                         f"{a['visual_attention_ratio'] * s['lr_tokens']:.1f} of {s['lr_tokens']} on average "
+                         f"({a['visual_attention_ratio']:.0%})")
+        else:
+            lines.append(f"KV cache {_kib(s['kv_bytes'])} (A-VL off: every token kept)")
         if s.get("prefix_tokens_reused"):
             lines.append(f"reused from an earlier question about this image: its features and the keys/values of "
                          f"{s['prefix_tokens_reused']} prompt tokens")
@@ -344,18 +391,71 @@ class Events:
         rec = (state or {}).get("answer")
         return len(rec["trace"].passes) if rec and rec["trace"] is not None else 0
 
+    def render_avl(self, state: dict | None, token: int, layer: int):
+        """The A-VL panel for one token and layer: the LR tokens' states over the image, KV memory per layer with
+        and without A-VL with visual tokens attended per decoding step, and a line of text. Without A-VL in
+        this answer: no figures, and a line saying so."""
+        picked = self._pick(state, token, layer)
+        if picked is None:
+            return None, None, ""
+        rec, token, layer = picked
+        s = rec["stats"]
+        if "avl" not in s:
+            return None, None, (f"A-VL was off for this answer: its KV cache keeps every token "
+                                f"({_kib(s['kv_bytes'])}). Switch A-VL on (left) and ask again to see which image "
+                                f"tokens each layer keeps.")
+        a, trace = s["avl"], rec["trace"]
+        lt = trace.passes[token][layer]
+        label = _clean(rec["labels"][token])
+        if token == 0:
+            kind = "prefill: every image token attended (eviction follows it: see token 1)"
+        elif lt.avl_refresh:
+            kind = "refresh step: every cached image token attended, core re-ranked"
+        else:
+            kind = "ordinary step: core image tokens attended only"
+        state_fig = None
+        if lt.avl_state is not None:
+            state_fig = figures.avl_state_figure(
+                state["view"], lt.avl_state,
+                f"Token {token} “{label}”, layer {layer}: A-VL state of the "
+                f"{trace.lr_grid}×{trace.lr_grid} LR tokens",
+                state["targets"], refresh=bool(lt.avl_refresh) and token > 0)
+        held = s["kv_bytes_per_layer"]
+        chart = figures.avl_chart_figure(
+            held, full_cache_per_layer(s), a["visual_attended_per_step"], s["lr_tokens"],
+            a["settings"]["refresh_every"], current_step=token, current_layer=layer,
+            title="A-VL: KV memory at the end of the answer, and image tokens attended while decoding")
+        parts = [f"A-VL · token {token} “{label}”, layer {layer}: **{kind}**"]
+        if lt.avl_state is not None:
+            n = np.bincount(np.asarray(lt.avl_state).ravel(), minlength=3)
+            parts.append(f"evicted {n[0]} · secondary {n[1]} · core {n[2]} of {s['lr_tokens']} LR tokens")
+        full = a["kv_bytes_full_cache"]
+        parts.append(f"KV cache {_kib(s['kv_bytes'])} of {_kib(full)} ({s['kv_bytes'] / full if full else 0:.0%})")
+        return state_fig, chart, " · ".join(parts)
+
     # ---- compare ---------------------------------------------------------------------------------------------
     def compare(self, path: str | None, question: str, threshold: float | None = None,
-                selection_layer: int | None = None, max_new_tokens: int = 64):
-        """The same question in all three modes (greedy, no history); yields the table as each mode finishes."""
+                selection_layer: int | None = None, max_new_tokens: int = 64, with_avl: bool = False,
+                vision_evict_rate: float = AVL_DEFAULTS.vision_evict_rate,
+                compute_skip_rate: float = AVL_DEFAULTS.compute_skip_rate,
+                refresh_every: int = AVL_DEFAULTS.refresh_every,
+                text_evict_rate: float = AVL_DEFAULTS.text_evict_rate,
+                selection_scores: str = AVL_DEFAULTS.selection_scores):
+        """The same question in all three modes (greedy, no history); yields the table as each run finishes.
+
+        With `with_avl`, each mode runs twice, A-VL off then on (six runs, never more), untraced."""
         state = self.intake(path, new_session(), notify=False)  # notices were shown when the image came in
         try:
             question = check_question(question)
         except PromptError as err:
             raise _error(err) from None
+        avl = avl_options(with_avl, vision_evict_rate, compute_skip_rate, refresh_every, text_evict_rate,
+                          selection_scores)
+        variants = (None, avl) if avl else (None,)
+        runs = [(mode, variant) for mode in ("lowres", "flex", "select_all") for variant in variants]
         rows: list[dict] = []
-        for mode in ("lowres", "flex", "select_all"):
-            options = self.options(mode, threshold, selection_layer, max_new_tokens, trace=False)
+        for mode, run_avl in runs:
+            options = self.options(mode, threshold, selection_layer, max_new_tokens, trace=False, avl=run_avl)
             try:
                 result = runtime.answer(state["image_path"], question, options)
             except (ImageError, PromptError, ValueError) as err:
@@ -365,14 +465,28 @@ class Events:
                 raise gr.Error(f"Generation failed in {mode} mode ({_first_line(err)}); the app is still running.",
                                title="Generation failed") from None
             s = result.stats
-            rows.append({"mode": mode, "answer": result.text, "hr_attended_mean": s["hr_attended_mean"],
-                         "hr_tokens": s["hr_tokens"], "tflops": s["tflops"], "latency_s": s["latency_s"]["total"]})
+            rows.append({"mode": mode, "avl": run_avl is not None, "answer": result.text,
+                         "hr_attended_mean": s["hr_attended_mean"], "hr_tokens": s["hr_tokens"], "tflops": s["tflops"],
+                         "latency_s": s["latency_s"]["total"], "kv_bytes": s["kv_bytes"],
+                         # without A-VL every decoding step attends to every LR image token
+                         "visual_ratio": s["avl"]["visual_attention_ratio"] if "avl" in s else 1.0})
             yield compare_table(rows), figures.compare_figure(rows)
 
 
 def compare_table(rows: Sequence[dict]) -> list[list]:
-    return [[r["mode"], r["answer"], f"{r['hr_attended_mean']:.0f} / {r['hr_tokens']}", float(f"{r['tflops']:.4g}"),
-             round(r["latency_s"], 3)] for r in rows]
+    return [[r["mode"], "on" if r.get("avl") else "off", r["answer"], f"{r['hr_attended_mean']:.0f} / {r['hr_tokens']}",
+             float(f"{r['tflops']:.4g}"), round(r["latency_s"], 3), round(r.get("kv_bytes", 0) / 1024, 1),
+             round(r.get("visual_ratio", 1.0), 3)] for r in rows]
+
+
+def full_cache_per_layer(stats: dict) -> list[float]:
+    """Per layer: the KV bytes the same cache would hold without eviction.
+
+    flexattn reports this as one total (`stats["avl"]["kv_bytes_full_cache"]`: every token seen, at each layer's
+    entry size). Every layer sees every token and the model's layers share one KV entry size, so the total splits
+    evenly over the layers."""
+    n = len(stats["kv_bytes_per_layer"])
+    return [stats["avl"]["kv_bytes_full_cache"] / n] * n if n else []
 
 
 def layer_hr_mflops(text_config, kv_len: int, selection_layer: int, attended: Sequence[int]) -> list[float]:

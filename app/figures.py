@@ -33,6 +33,17 @@ ATTENTION_SCALE = [
     [1.0, "rgba(230, 0, 0, 0.8)"],
 ]
 IMAGE_HEIGHT = 430
+# A-VL token states (flexattn.trace.LayerTrace.avl_state): 0 evicted, 1 secondary (cached, skipped), 2 core (attended)
+AVL_STATES = ("evicted", "secondary", "core")
+AVL_FILL = ("rgba(15, 15, 15, 0.72)", "rgba(0, 150, 255, 0.4)", "rgba(255, 95, 0, 0.55)")  # over the image
+AVL_SWATCH = ("#2b2b2b", "#0096ff", "#ff5f00")  # opaque, for the legend and the charts
+AVL_SCALE = [  # discrete: z in {0, 1, 2} with zmin -0.5 and zmax 2.5 falls in the middle of one band each
+    [0.0, AVL_FILL[0]], [1 / 3, AVL_FILL[0]],
+    [1 / 3, AVL_FILL[1]], [2 / 3, AVL_FILL[1]],
+    [2 / 3, AVL_FILL[2]], [1.0, AVL_FILL[2]],
+]
+FULL_CACHE_COLOUR = "#9e9e9e"
+REFRESH_COLOUR = "#2ca02c"
 
 
 @dataclass(frozen=True)
@@ -269,15 +280,106 @@ def layers_chart_figure(attended: Sequence[int], hr_tokens: int, layer_mflops: S
     return fig
 
 
+# ---- (5) A-VL: each LR image token's state over the image -------------------------------------------------
+def avl_state_figure(view: ImageView, states: np.ndarray, title: str = "", boxes: Sequence[Sequence[float]] = (),
+                     refresh: bool = False, note: str | None = None) -> go.Figure:
+    """The image with ONE heatmap trace of the LR tokens' A-VL states (g x g int8: 0 evicted, 1 secondary, 2 core),
+    placed through the centred padding like the LR attention map, and a legend-like line of counts under it."""
+    z = np.asarray(states, dtype=np.int8)
+    g = z.shape[0]
+    counts = np.bincount(z.ravel().clip(0, 2), minlength=3)
+    names = np.array(AVL_STATES, dtype=object)[z.clip(0, 2)]
+    heat = go.Heatmap(
+        z=z, **_grid_placement(view, g), zmin=-0.5, zmax=2.5, zsmooth=False, colorscale=AVL_SCALE, showscale=False,
+        name="A-VL state", text=names.tolist(), customdata=_cell_labels(g),
+        hovertemplate="LR cell (%{customdata})<br>%{text}<extra></extra>",
+    )
+    legend = " · ".join(f'<span style="color:{AVL_SWATCH[k]}">■</span> {AVL_STATES[k]} {counts[k]}'
+                        for k in range(3))
+    if refresh:
+        legend += f" · <b>refresh</b>: all {counts[1] + counts[2]} cached attended"
+    xaxis, yaxis = _image_axes(view)
+    fig = go.Figure(data=[_image_trace(view), heat])
+    fig.update_layout(
+        title=dict(text=title, font=dict(size=13)), xaxis=xaxis, yaxis=yaxis, height=IMAGE_HEIGHT,
+        margin=dict(l=4, r=4, t=36, b=30), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
+        shapes=[_frame_shape(view), *_box_shapes(view, boxes)], dragmode="pan", showlegend=False,
+    )
+    fig.add_annotation(text=legend, xref="paper", yref="paper", x=0.5, y=0, yanchor="top", yshift=-4,
+                       showarrow=False, font=dict(size=12))
+    if note:
+        _note(fig, note)
+    return fig
+
+
+def _byte_unit(largest: float) -> tuple[str, float]:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if largest >= size:
+            return unit, size
+    return "KiB", 1024
+
+
+# ---- (6) A-VL: KV memory per layer, visual tokens attended per decoding step --------------------------------
+def avl_chart_figure(held_per_layer: Sequence[int], full_per_layer: Sequence[float],
+                     visual_per_step: Sequence[float], lr_tokens: int, refresh_every: int,
+                     current_step: int | None = None, current_layer: int | None = None,
+                     title: str = "") -> go.Figure:
+    """Left: KV-cache bytes per layer at the end of generation, without A-VL (every token seen) and with it (held).
+    Right: visual tokens attended per decoding step (mean over layers), refresh steps apart, against all LR tokens.
+    Decoding step k (1-based) is the pass that produced answer token k; step k is a refresh step when
+    k % refresh_every == 0, the rule the cache itself follows."""
+    layers = list(range(len(held_per_layer)))
+    unit, size = _byte_unit(max([*full_per_layer, *held_per_layer, 1]))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
+                        subplot_titles=(f"KV cache per layer ({unit})", "Visual tokens attended per step"))
+    fig.add_trace(go.Bar(x=layers, y=[b / size for b in full_per_layer], name="without A-VL (every token kept)",
+                         marker_color=FULL_CACHE_COLOUR,
+                         hovertemplate=f"layer %{{x}}: %{{y:.4g}} {unit} without A-VL<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=layers, y=[b / size for b in held_per_layer], name="with A-VL (held)",
+                         marker_color=AVL_SWATCH[1],
+                         hovertemplate=f"layer %{{x}}: %{{y:.4g}} {unit} held with A-VL<extra></extra>"), row=1, col=1)
+    steps = list(range(1, len(visual_per_step) + 1))
+    refresh = [k % max(refresh_every, 1) == 0 for k in steps]
+    for is_refresh, name, colour in ((False, "ordinary step (core only)", AVL_SWATCH[2]),
+                                     (True, "refresh step (every cached token)", REFRESH_COLOUR)):
+        xs = [k for k, r in zip(steps, refresh) if r == is_refresh]
+        ys = [v for v, r in zip(visual_per_step, refresh) if r == is_refresh]
+        fig.add_trace(go.Bar(x=xs, y=ys, name=name, marker_color=colour, offsetgroup="steps",  # one slot per step
+                             hovertemplate="step %{x}: %{y:.1f} visual tokens<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[0.5, max(len(steps), 1) + 0.5], y=[lr_tokens, lr_tokens], mode="lines",
+                             name=f"all {lr_tokens} LR image tokens (no A-VL)", line=dict(color="#888", dash="dash"),
+                             hoverinfo="skip"), row=1, col=2)
+    if current_layer is not None and 0 <= current_layer < len(layers):
+        fig.add_vline(x=current_layer, line=dict(color="#ff7f0e", dash="dot"), row=1, col=1)
+    if current_step is not None and 1 <= current_step <= len(steps):
+        fig.add_vline(x=current_step, line=dict(color="#ff7f0e", dash="dot"), row=1, col=2)
+    fig.update_xaxes(title_text="layer", dtick=max(1, math.ceil(len(layers) / 12)), row=1, col=1)
+    fig.update_xaxes(title_text="decoding step (= answer token)", dtick=max(1, math.ceil(len(steps) / 10)),
+                     row=1, col=2)
+    fig.update_yaxes(title_text=unit, rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="visual tokens", rangemode="tozero", row=1, col=2)
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=IMAGE_HEIGHT, barmode="group",
+                      margin=dict(l=50, r=20, t=60, b=40), legend=dict(orientation="h", y=-0.22, x=0), bargap=0.15)
+    return fig
+
+
 # ---- Compare tab -------------------------------------------------------------------------------------------
 def compare_figure(rows: Sequence[dict]) -> go.Figure:
-    """TFLOPs and latency of each mode, side by side."""
-    modes = [r["mode"] for r in rows]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("TFLOPs", "latency (s)"), horizontal_spacing=0.12)
-    fig.add_trace(go.Bar(x=modes, y=[r["tflops"] for r in rows], marker_color="#9467bd", showlegend=False,
+    """TFLOPs, latency and KV-cache bytes of each run, side by side (A-VL runs in their own colour)."""
+    labels = [r["mode"] + (" +A-VL" if r.get("avl") else "") for r in rows]
+
+    def colour(base: str) -> list[str]:
+        return [AVL_SWATCH[1] if r.get("avl") else base for r in rows]
+
+    unit, size = _byte_unit(max([r.get("kv_bytes", 0) for r in rows] + [1]))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("TFLOPs", "latency (s)", f"KV cache ({unit})"),
+                        horizontal_spacing=0.08)
+    fig.add_trace(go.Bar(x=labels, y=[r["tflops"] for r in rows], marker_color=colour("#9467bd"), showlegend=False,
                          hovertemplate="%{x}: %{y:.4g} TFLOPs<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=modes, y=[r["latency_s"] for r in rows], marker_color="#1f77b4", showlegend=False,
+    fig.add_trace(go.Bar(x=labels, y=[r["latency_s"] for r in rows], marker_color=colour("#1f77b4"), showlegend=False,
                          hovertemplate="%{x}: %{y:.3f} s<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Bar(x=labels, y=[r.get("kv_bytes", 0) / size for r in rows],
+                         marker_color=colour(FULL_CACHE_COLOUR), showlegend=False, hovertemplate=f"%{{x}}: %{{y:.4g}} {unit}<extra></extra>"), row=1, col=3)
     fig.update_layout(height=300, margin=dict(l=40, r=20, t=40, b=30))
     return fig
 
@@ -291,4 +393,6 @@ def warm_up() -> None:
     mask_figure(view, mask, boxes=[(0, 0, 8, 8)]).to_json()
     layers_grid_figure(view, [(1, mask), (2, mask)], [(0, 0, 8, 8)], [0.5, None]).to_json()
     layers_chart_figure([0, 1, 2], 16, [0.0, 1.0, 2.0], {"vision": 1, "llm": 2}, 1).to_json()
-    compare_figure([{"mode": "flex", "tflops": 1.0, "latency_s": 1.0}]).to_json()
+    compare_figure([{"mode": "flex", "tflops": 1.0, "latency_s": 1.0, "kv_bytes": 2048, "avl": True}]).to_json()
+    avl_state_figure(view, np.eye(4, dtype=np.int8) * 2, refresh=True).to_json()
+    avl_chart_figure([1, 2], [2, 2], [1.0, 3.0, 1.0], 4, 2, 1, 0).to_json()

@@ -77,7 +77,7 @@ def trace_passes(vlm: FlexVLM, budget: int = TRACE_BUDGET_BYTES) -> int:
     cfg = vlm.model.config
     g = vlm.settings.lowres_size // cfg.vision_config.patch_size
     G = g * vlm.settings.zoom
-    per_layer = 4 * g * g + 4 * G * G + G * G  # lr float32 + hr float32 + mask bool
+    per_layer = 4 * g * g + 4 * G * G + G * G + g * g  # lr float32 + hr float32 + mask bool + A-VL int8
     per_pass = per_layer * cfg.text_config.num_hidden_layers
     return max(1, budget // per_pass)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import figures, runtime
-from .events import COMPARE_HEADERS, Events, new_session
+from .events import AVL_DEFAULTS, COMPARE_HEADERS, Events, new_session
 from .examples import Example, load_examples
 
 MODEL_EVENTS = "model"  # one queue for everything that runs the model (one GPU / one CPU model)
@@ -80,19 +80,21 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
     figures.warm_up()
     n_layers, sel = info["layers"], info["selection_layer"]
 
+    cleared = (None, None, None, None, "", "", None, None, "")  # inspect outputs, then the A-VL panel
+
     def image_changed(path, state):
         state = events.image_changed(path, state)
-        return state, list(state["chat"]), "", None, None, None, None, "", ""
+        return state, list(state["chat"]), "", *cleared
 
     def new_conversation(state):
         state = dict(state or new_session())
         state.update(history=[], chat=[], pending=None, answer=None)
-        return state, [], "", None, None, None, None, "", ""
+        return state, [], "", *cleared
 
     def render_new(state, layer):
         n = events.token_count(state)
         token_slider = gr.Slider(minimum=0, maximum=max(n - 1, 1), value=0, interactive=n > 1)
-        return token_slider, *events.render_token(state, 0, layer)
+        return token_slider, *events.render_token(state, 0, layer), *events.render_avl(state, 0, layer)
 
     with gr.Blocks(title="flexattn: where FlexAttention looks", analytics_enabled=False) as demo:
         state = gr.State(new_session(), time_to_live=3600)
@@ -106,6 +108,8 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                                       elem_id="fa-question")
                 mode = gr.Radio([("flex (FlexAttention)", "flex"), ("lowres (plain LLaVA-1.5)", "lowres"),
                                  ("select_all (every HR token)", "select_all")], value="flex", label="Mode")
+                avl_on = gr.Checkbox(False, label="A-VL: evict and skip image tokens while decoding",
+                                     elem_id="fa-avl-on")
                 with gr.Row():
                     ask_btn = gr.Button("Ask", variant="primary", elem_id="fa-ask")
                     new_btn = gr.Button("New conversation")
@@ -117,6 +121,19 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                     temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                     seed = gr.Number(0, precision=0, label="Seed (sampling)")
+                with gr.Accordion("A-VL settings (used when A-VL is on)", open=False):
+                    vision_evict = gr.Slider(0, 1, value=AVL_DEFAULTS.vision_evict_rate, step=0.05,
+                                             label="Vision evict rate (image tokens dropped from each layer's cache)")
+                    compute_skip = gr.Slider(0, 1, value=AVL_DEFAULTS.compute_skip_rate, step=0.05,
+                                             label="Compute skip rate (cached image tokens left out of the core)")
+                    refresh_every = gr.Slider(1, 16, value=AVL_DEFAULTS.refresh_every, step=1,
+                                              label="Refresh every (steps; a refresh attends every cached token)")
+                    text_evict = gr.Slider(0, 1, value=AVL_DEFAULTS.text_evict_rate, step=0.05,
+                                           label="Text evict rate (answer tokens beyond the budget)")
+                    selection_scores = gr.Radio(
+                        [("secondary (score every cached image token)", "secondary"),
+                         ("attended (the core only, cheaper)", "attended")],
+                        value=AVL_DEFAULTS.selection_scores, label="HR selection scores")
                 if examples:
                     gr.Examples(
                         [[e.image, e.question] for e in examples], inputs=[image, question], label="Examples",
@@ -129,13 +146,16 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                         stats = gr.Markdown(elem_id="fa-stats")
                     with gr.Tab("Compare"):
                         gr.Markdown("The image and question on the left in all three modes (greedy, no history).")
+                        compare_avl = gr.Checkbox(False, label="Also with A-VL (each mode twice: 6 runs instead of 3; "
+                                                               "A-VL settings on the left)")
                         compare_btn = gr.Button("Compare lowres / flex / select_all")
                         table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, wrap=True)
                         compare_plot = gr.Plot(label="Cost by mode")
         gr.Markdown("### Inspect: where the answer looked, token by token and layer by layer")
         tokens_md = gr.Markdown(elem_classes="fa-tokens")
         with gr.Row():
-            token_slider = gr.Slider(0, 1, value=0, step=1, label="Answer token", interactive=False)
+            token_slider = gr.Slider(0, 1, value=0, step=1, label="Answer token", interactive=False,
+                                     elem_id="fa-token")
             layer_slider = gr.Slider(0, n_layers - 1, value=min(sel + 1, n_layers - 1), step=1, label="Layer")
         layer_md = gr.Markdown()
         with gr.Row(equal_height=True):
@@ -143,21 +163,29 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
             mask_plot = gr.Plot(label="Selected HR tokens", elem_id="fa-mask")
         grid_plot = gr.Plot(label="All selecting layers", elem_id="fa-grid")
         chart_plot = gr.Plot(label="Per layer", elem_id="fa-chart")
+        gr.Markdown("#### A-VL: which image tokens each layer keeps (evicted / secondary / core) and what it saves")
+        avl_md = gr.Markdown(elem_id="fa-avl-text")
+        with gr.Row(equal_height=True):
+            avl_plot = gr.Plot(label="A-VL token states", elem_id="fa-avl")
+            kv_plot = gr.Plot(label="A-VL memory and visual attention", elem_id="fa-kv")
 
         inspect_outputs = [lr_plot, mask_plot, grid_plot, chart_plot, layer_md, tokens_md]
-        image.change(image_changed, [image, state], [state, chatbot, stats, *inspect_outputs],
+        avl_outputs = [avl_plot, kv_plot, avl_md]
+        avl_inputs = [avl_on, vision_evict, compute_skip, refresh_every, text_evict, selection_scores]
+        image.change(image_changed, [image, state], [state, chatbot, stats, *inspect_outputs, *avl_outputs],
                      api_name="image_changed", concurrency_limit=4, trigger_mode="always_last")
-        new_btn.click(new_conversation, [state], [state, chatbot, stats, *inspect_outputs],
+        new_btn.click(new_conversation, [state], [state, chatbot, stats, *inspect_outputs, *avl_outputs],
                       api_name="new_conversation", queue=False)
         (
             gr.on([ask_btn.click, question.submit], events.start_turn, [image, question, state], [chatbot, state],
                   api_name="start_turn", concurrency_limit=4)
             .success(events.answer_turn,
                      [state, mode, threshold, selection_layer, max_new, do_sample, temperature, top_p, seed, image,
-                      question],
+                      question, *avl_inputs],
                      [chatbot, state, stats], api_name="answer_turn", concurrency_id=MODEL_EVENTS,
                      concurrency_limit=1)
-            .success(render_new, [state, layer_slider], [token_slider, *inspect_outputs], api_name="inspect",
+            .success(render_new, [state, layer_slider], [token_slider, *inspect_outputs, *avl_outputs],
+                     api_name="inspect",
                      show_progress="hidden", concurrency_limit=4)
         )
         slider_options = dict(trigger_mode="always_last", show_progress="hidden", concurrency_limit=4)
@@ -165,7 +193,10 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                            api_name="render_layer", **slider_options)
         token_slider.input(events.render_token, [state, token_slider, layer_slider], inspect_outputs,
                            api_name="render_token", **slider_options)
-        compare_btn.click(events.compare, [image, question, threshold, selection_layer, max_new],
+        gr.on([layer_slider.input, token_slider.input], events.render_avl, [state, token_slider, layer_slider],
+              avl_outputs, api_name="render_avl", **slider_options)
+        compare_btn.click(events.compare, [image, question, threshold, selection_layer, max_new, compare_avl,
+                                           *avl_inputs[1:]],
                           [table, compare_plot], api_name="compare", concurrency_id=MODEL_EVENTS, concurrency_limit=1)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
     return demo

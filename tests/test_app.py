@@ -375,10 +375,12 @@ def test_generation_failure_is_reported_and_the_app_keeps_serving(events, images
 def test_compare_runs_all_three_modes(events, images):
     tables = list(events.compare(str(images["rgb"]), QUESTION, None, None, 4))
     table, fig = tables[-1]
-    assert [row[0] for row in table] == ["lowres", "flex", "select_all"]
-    assert table[0][2].startswith("0 /") and table[2][2] == f"{HR_GRID ** 2} / {HR_GRID ** 2}"
-    assert table[0][3] < table[2][3]  # select_all costs more than lowres
-    assert [t.type for t in fig.data] == ["bar", "bar"]
+    assert len(tables) == 3  # one update per run, no A-VL runs unless asked for
+    assert [row[0] for row in table] == ["lowres", "flex", "select_all"] and {row[1] for row in table} == {"off"}
+    assert table[0][3].startswith("0 /") and table[2][3] == f"{HR_GRID ** 2} / {HR_GRID ** 2}"
+    assert table[0][4] < table[2][4]  # select_all costs more than lowres
+    assert all(row[6] > 0 and row[7] == 1.0 for row in table)  # KV KiB; without A-VL every image token is attended
+    assert [t.type for t in fig.data] == ["bar", "bar", "bar"]
     with pytest.raises(gr.Error, match="empty"):
         list(events.compare(str(images["rgb"]), "", None, None, 4))
 
@@ -387,6 +389,109 @@ def test_untrained_hr_projections_are_flagged(events, images, monkeypatch):
     monkeypatch.setattr(events, "record", lambda result, q: {**Events.record(events, result, q), "untrained": True})
     _, _, md, _ = ask(events, images["rgb"])
     assert "untrained HR projections" in md
+
+
+# ---- A-VL ----------------------------------------------------------------------------------------------------
+AVL_ON = dict(avl=True, vision_evict_rate=0.5, compute_skip_rate=0.7, refresh_every=3, text_evict_rate=0.4,
+              selection_scores="secondary")
+
+
+def test_avl_figures_have_one_state_trace_and_the_grid_sizes():
+    view = figures.image_view(random_image(1600, 900))  # wide: padded above and below
+    g = 24
+    states = np.zeros((g, g), dtype=np.int8)
+    states[:, 8:16] = 1
+    states[5:9, 10:12] = 2
+    fig = figures.avl_state_figure(view, states, "t", boxes=[(0, 0, 10, 10)], refresh=True)
+    assert [t.type for t in fig.data] == ["image", "heatmap"]
+    heat = fig.data[1]
+    assert np.array_equal(np.asarray(heat.z), states)
+    att = figures.attention_figure(view, np.random.rand(g, g).astype(np.float32))
+    assert (heat.x0, heat.dx, heat.y0, heat.dy) == pytest.approx((att.data[1].x0, att.data[1].dx, att.data[1].y0,
+                                                                   att.data[1].dy))  # the same cells as the LR map
+    # a discrete 3-colour scale: 0, 1 and 2 each fall in the middle of one band
+    assert (heat.zmin, heat.zmax) == (-0.5, 2.5) and len({c for _, c in heat.colorscale}) == 3
+    assert not heat.showscale and len(fig.layout.shapes) == 2
+    legend = fig.layout.annotations[0].text
+    assert "evicted 384" in legend and "secondary 184" in legend and "core 8" in legend and "refresh" in legend
+    chart = figures.avl_chart_figure([100, 60, 50], [200, 200, 200], [6, 6, 18, 6], 36, 3, current_step=2,
+                                     current_layer=1)
+    assert [t.type for t in chart.data] == ["bar", "bar", "bar", "bar", "scatter"]
+    full, held, ordinary, refresh, line = chart.data
+    assert list(held.y) == pytest.approx([100 / 1024, 60 / 1024, 50 / 1024])
+    assert "KiB" in chart.layout.annotations[0].text
+    assert list(full.y) == pytest.approx([200 / 1024] * 3)
+    assert list(ordinary.x) == [1, 2, 4] and list(refresh.x) == [3] and list(line.y) == [36, 36]
+
+
+def test_avl_switch_changes_the_call(events, images, monkeypatch):
+    seen = []
+    real_stream = runtime.stream_answer
+
+    def spy(image, question, options):
+        seen.append(options["avl"])
+        yield from real_stream(image, question, options)
+
+    monkeypatch.setattr(runtime, "stream_answer", spy)
+    _, off, md_off, _ = ask(events, images["rgb"])
+    _, on, md_on, _ = ask(events, images["rgb"], **AVL_ON)
+    assert seen == [None, {k: v for k, v in AVL_ON.items() if k != "avl"}]
+    s_off, s_on = off["answer"]["stats"], on["answer"]["stats"]
+    assert "avl" not in s_off and "avl" in s_on
+    assert s_on["kv_bytes"] < s_off["kv_bytes"] == s_on["avl"]["kv_bytes_full_cache"]
+    assert "A-VL off" in md_off and "A-VL: KV cache" in md_on
+    with pytest.raises(gr.Error, match="vision_evict_rate"):
+        ask(events, images["rgb"], **{**AVL_ON, "vision_evict_rate": 1.5})
+
+
+def test_avl_panel_redraws_from_the_cached_trace(events, app_vlm, images, monkeypatch):
+    _, state, _, _ = ask(events, images["rgb"], max_new_tokens=5, **AVL_ON)
+    rec = state["answer"]
+    stats, trace = rec["stats"], rec["trace"]
+    monkeypatch.setattr(app_vlm.model, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    for token in range(events.token_count(state)):
+        for layer in range(NUM_LAYERS):
+            fig, chart, text = events.render_avl(state, token, layer)
+            z = np.asarray(fig.data[1].z)
+            assert z.shape == (LR_GRID, LR_GRID) and np.array_equal(z, trace.passes[token][layer].avl_state)
+            if token == 0:  # prefill: every image token present; eviction happens after it
+                assert (z == 2).all() and "prefill" in text
+            else:
+                counts = np.bincount(z.ravel(), minlength=3)
+                assert counts[0] == LR_GRID ** 2 // 2 and counts[1] > 0 and counts[2] > 0
+                refresh = token % 3 == 0
+                assert trace.passes[token][layer].avl_refresh == refresh
+                assert ("refresh step" in text) == refresh and ("refresh" in fig.layout.annotations[0].text) == refresh
+    full, held = chart.data[0], chart.data[1]
+    assert list(held.y) == pytest.approx([b / 1024 for b in stats["kv_bytes_per_layer"]])
+    assert sum(full.y) == pytest.approx(stats["avl"]["kv_bytes_full_cache"] / 1024)
+    assert all(h < f for h, f in zip(held.y, full.y))
+    steps = stats["avl"]["visual_attended_per_step"]
+    assert sorted([*chart.data[2].x, *chart.data[3].x]) == list(range(1, len(steps) + 1))
+    assert list(chart.data[3].x) == [k for k in range(1, len(steps) + 1) if k % 3 == 0]
+
+
+def test_avl_panel_without_avl_is_empty_and_never_fails(events, images):
+    assert events.render_avl(new_session(), 0, 0) == (None, None, "")
+    assert events.render_avl(None, 3, 3) == (None, None, "")
+    _, state, _, _ = ask(events, images["rgb"], max_new_tokens=2)
+    fig, chart, text = events.render_avl(state, 999, 999)
+    assert fig is None and chart is None and "A-VL was off" in text
+    _, state, _, _ = ask(events, images["rgb"], max_new_tokens=2, mode="lowres", **AVL_ON)  # A-VL on any mode
+    fig, chart, text = events.render_avl(state, 1, 2)
+    assert np.asarray(fig.data[1].z).shape == (LR_GRID, LR_GRID) and len(chart.data) == 5
+
+
+def test_compare_with_avl_runs_each_mode_twice_and_no_more(events, images):
+    tables = list(events.compare(str(images["rgb"]), QUESTION, None, None, 4, True))
+    table, fig = tables[-1]
+    assert len(tables) == 6 and len(table) == 6
+    assert [(row[0], row[1]) for row in table] == [(m, a) for m in ("lowres", "flex", "select_all")
+                                                   for a in ("off", "on")]
+    for off, on in zip(table[::2], table[1::2]):
+        assert on[6] < off[6]  # KV KiB
+        assert off[7] == 1.0 and on[7] < 1.0  # visual attention ratio
+    assert [t.type for t in fig.data] == ["bar"] * 3 and list(fig.data[2].x)[1] == "lowres +A-VL"
 
 
 # ---- examples, runtime, launcher ------------------------------------------------------------------------------
@@ -510,11 +615,14 @@ def test_end_to_end_with_gradio_client(launched, examples, images):
     assert url.startswith("http://127.0.0.1:")
     client = _client(url)
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/start_turn", "/answer_turn", "/inspect", "/render_layer", "/render_token", "/compare"} <= set(endpoints)
+    assert {"/start_turn", "/answer_turn", "/inspect", "/render_layer", "/render_token", "/render_avl",
+            "/compare"} <= set(endpoints)
     chat, stats = client_ask(client, example_path(examples, "wide.png"))
     assert [m["role"] for m in chat] == ["user", "assistant"] and _text(chat[1])
     assert "HR tokens attended" in stats
-    slider, lr, mask, grid, chart, info, tokens = client.predict(SELECTION_LAYER + 1, api_name="/inspect")
+    slider, lr, mask, grid, chart, info, tokens, avl_fig, kv_fig, avl_text = client.predict(
+        SELECTION_LAYER + 1, api_name="/inspect")
+    assert avl_fig is None and kv_fig is None and "A-VL was off" in avl_text  # the default: A-VL off
     traces = [json.loads(fig["plot"])["data"] for fig in (lr, mask, grid, chart)]
     assert [t["type"] for t in traces[0]] == ["image", "heatmap"]
     assert [t["type"] for t in traces[1]] == ["image", "heatmap"]
@@ -533,6 +641,8 @@ def test_end_to_end_with_gradio_client(launched, examples, images):
     assert _text(chat[-2]) == "what is this ?" and _text(chat[-1])
     table, fig = client.predict(handle_file(str(images["rgb"])), QUESTION, 100, SELECTION_LAYER, 3, api_name="/compare")
     assert [row[0] for row in table["data"]] == ["lowres", "flex", "select_all"]
+    avl_fig, kv_fig, avl_text = client.predict(1, 2, api_name="/render_avl")  # the last answer had A-VL off
+    assert avl_fig is None and kv_fig is None and "A-VL was off" in avl_text
 
 
 def test_the_page_cannot_read_files_outside_gradios_cache(launched, images):
@@ -637,4 +747,23 @@ def test_in_a_real_browser(launched, examples):
     assert plots["fa-grid"]["cells"] == [HR_GRID] * (NUM_LAYERS - SELECTION_LAYER)
     assert "bar" in plots["fa-chart"]["types"]
     assert QUESTION in result["chat"]
+    assert out.is_file() and out.stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_avl_panel_in_a_real_browser(launched, examples):
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test must run under CI: {missing}")
+        pytest.skip(missing)
+    from app.screenshot import capture
+
+    _, url = launched
+    out = ARTIFACTS / "avl.png"
+    result = capture(url, example_path(examples, "wide.png"), QUESTION, out, avl=True)
+    plots = result["plots"]
+    assert plots["fa-avl"]["types"] == ["image", "heatmap"] and plots["fa-avl"]["cells"] == [LR_GRID]
+    assert plots["fa-kv"]["types"] == ["bar", "bar", "bar", "bar", "scatter"]
+    assert plots["fa-lr"]["cells"] == [LR_GRID] and plots["fa-mask"]["cells"] == [HR_GRID]
     assert out.is_file() and out.stat().st_size > 10_000
