@@ -19,7 +19,7 @@ from PIL import Image
 
 from flexattn import MODES, Answer, ImageError, PromptError, load_image
 from flexattn.avl import AVLSettings
-from flexattn.cost import flex_pass_extra_flops
+from flexattn.cost import flex_layer_extra_flops
 from flexattn.prompt import check_question
 
 from . import figures, runtime
@@ -480,30 +480,18 @@ def compare_table(rows: Sequence[dict]) -> list[list]:
 
 
 def full_cache_per_layer(stats: dict) -> list[float]:
-    """Per layer: the KV bytes the same cache would hold without eviction.
-
-    flexattn reports this as one total (`stats["avl"]["kv_bytes_full_cache"]`: every token seen, at each layer's
-    entry size). Every layer sees every token and the model's layers share one KV entry size, so the total splits
-    evenly over the layers."""
-    n = len(stats["kv_bytes_per_layer"])
-    return [stats["avl"]["kv_bytes_full_cache"] / n] * n if n else []
+    """Per layer: the KV bytes the same cache would hold without eviction (as flexattn reports it)."""
+    return [float(b) for b in stats["avl"]["kv_bytes_full_cache_per_layer"]]
 
 
 def layer_hr_mflops(text_config, kv_len: int, selection_layer: int, attended: Sequence[int]) -> list[float]:
     """Per layer: the MFLOPs spent on the HR tokens it attended (HR key/value projections, scores, weighted sum),
     from the project's cost model (the part of a layer's FlexAttention cost that grows with the HR tokens)."""
-    n = len(attended)
-    zeros = [0] * n
-    base = flex_pass_extra_flops(text_config, kv_len, selection_layer, zeros)
-    out = []
-    for layer, m in enumerate(attended):
-        if layer <= selection_layer or not m:
-            out.append(0.0)
-            continue
-        counts = list(zeros)
-        counts[layer] = m
-        out.append((flex_pass_extra_flops(text_config, kv_len, selection_layer, counts) - base) / 1e6)
-    return out
+    return [
+        (flex_layer_extra_flops(text_config, layer, kv_len, selection_layer, m)
+         - flex_layer_extra_flops(text_config, layer, kv_len, selection_layer, 0)) / 1e6
+        for layer, m in enumerate(attended)
+    ]
 
 
 _SPACE = re.compile(r"\s+")

@@ -303,16 +303,17 @@ def _avl_restrict(avl, layer, query, key, value, attention_mask):
 
 def _avl_lr_map(module, state: FlexState, avl, layer, q_rows, probs, cached_key, attended, scaling):
     """The LR map over cache entries (whose positions A-VL tracks), then A-VL's own bookkeeping for this layer."""
-    map_probs, map_index = probs, attended
-    if attended is not None and avl.settings.selection_scores == "secondary":
+    map_probs, map_index, extra = probs, attended, 0
+    selecting = state.mode != "lowres" and layer >= state.settings.selection_layer
+    if selecting and attended is not None and avl.settings.selection_scores == "secondary":
         # score selection over every cached visual token, not only the core this step attends to
         all_keys = repeat_kv(cached_key, module.num_key_value_groups)
         map_probs = F.softmax((q_rows @ all_keys.transpose(2, 3)) * scaling, dim=-1, dtype=torch.float32)
-        map_index = None
+        map_index, extra = None, cached_key.shape[2]
     lr_map = _lr_map_from_positions(map_probs, avl.positions(layer, map_index), state)
     if state.recorder is not None:
         state.recorder.record_avl(state, layer, avl.visual_states(layer, state.lr_grid**2), attended is None)
-    avl.observe(layer, probs[0, :, -1].mean(0), attended)
+    avl.observe(layer, probs[0, :, -1].mean(0), attended, extra)
     return lr_map
 
 

@@ -104,6 +104,7 @@ class AVLCache(DynamicCache):
         self.image_start, self.image_end = image_start, image_start + image_tokens
         self.step = 0  # decoding step (0 during prefill); FlexState.begin_pass keeps it in step with the passes
         self.visual_attended: list[list[int]] = []  # [step][layer] visual tokens the query attended
+        self.keys_scored: list[list[tuple[int, int]]] = []  # [step][layer] (keys attended, extra keys scored)
         self.prefill_dropped: torch.Tensor | None = None  # image positions the FastV-style filter removed
 
     # ---- what a pass attends to ---------------------------------------------------------------------------
@@ -144,8 +145,9 @@ class AVLCache(DynamicCache):
         return allowed[None, None, -q_len:]
 
     # ---- after a layer's attention: rank, refresh, evict -----------------------------------------------
-    def observe(self, layer: int, probs: torch.Tensor, index: torch.Tensor | None) -> None:
-        """probs: (N_attended,) the last query row's attention over the attended entries, mean over heads."""
+    def observe(self, layer: int, probs: torch.Tensor, index: torch.Tensor | None, extra_scored: int = 0) -> None:
+        """probs: (N_attended,) the last query row's attention over the attended entries, mean over heads;
+        extra_scored: cached keys scored beyond those (for the selection map), for the cost model."""
         cache = self.layers[layer]
         probs = probs.detach().float().cpu()
         positions = self.positions(layer, index)
@@ -161,7 +163,9 @@ class AVLCache(DynamicCache):
             self._evict_text(cache)
         if len(self.visual_attended) <= self.step:
             self.visual_attended.append([])
+            self.keys_scored.append([])
         self.visual_attended[self.step].append(int(visual.sum()))
+        self.keys_scored[self.step].append((len(probs), extra_scored))
 
     def _after_prefill(self, layer: int, probs: torch.Tensor) -> None:
         cache = self.layers[layer]
@@ -210,6 +214,10 @@ class AVLCache(DynamicCache):
     # ---- measurements ------------------------------------------------------------------------------------
     def nbytes_per_layer(self) -> list[int]:
         return [layer.nbytes() for layer in self.layers]
+
+    def full_cache_nbytes_per_layer(self) -> list[int]:
+        """What each layer would hold without eviction: every token it has seen, at its entry size."""
+        return [layer.seen * layer.nbytes() // max(layer.keys.shape[-2], 1) for layer in self.layers]
 
     def visual_states(self, layer: int, lr_tokens: int) -> torch.Tensor:
         """(lr_tokens,) int8 per LR image token: 0 evicted, 1 secondary (cached, not attended), 2 core."""

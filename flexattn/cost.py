@@ -43,26 +43,39 @@ def _dims(text_config):
     return d, d_attn, d_kv, text_config.intermediate_size
 
 
-def llm_pass_flops(text_config, q_len: int, kv_len: int, logits_rows: int = 1) -> int:
-    """One ordinary forward pass: q_len new tokens attending to kv_len keys (cache included)."""
+def llm_layer_flops(text_config, q_len: int, kv_len: int) -> int:
+    """One ordinary decoder layer: q_len new tokens attending to kv_len keys (cache included)."""
     d, d_attn, d_kv, f = _dims(text_config)
     proj = 2 * q_len * d * (2 * d_attn + 2 * d_kv)
     attn = 2 * 2 * q_len * kv_len * d_attn
     mlp = 3 * 2 * q_len * d * f
-    head = 2 * logits_rows * d * text_config.vocab_size
-    return text_config.num_hidden_layers * (proj + attn + mlp) + head
+    return proj + attn + mlp
+
+
+def llm_pass_flops(text_config, q_len: int, kv_len: int, logits_rows: int = 1) -> int:
+    """One ordinary forward pass (every layer, and the LM head on `logits_rows` rows)."""
+    head = 2 * logits_rows * text_config.hidden_size * text_config.vocab_size
+    return text_config.num_hidden_layers * llm_layer_flops(text_config, q_len, kv_len) + head
+
+
+def flex_layer_extra_flops(text_config, layer: int, kv_len: int, selection_layer: int, hr_attended: int) -> int:
+    """What FlexAttention adds to one layer of one pass (0 before the selection layer)."""
+    d, d_attn, d_kv, _ = _dims(text_config)
+    if layer < selection_layer:
+        return 0
+    total = 2 * kv_len * d_attn  # the row's probabilities over text + LR
+    if layer > selection_layer:
+        m = hr_attended
+        total += 2 * 2 * m * d * d_kv + 2 * m * d_attn + 2 * (kv_len + m) * d_attn
+    return total
 
 
 def flex_pass_extra_flops(text_config, kv_len: int, selection_layer: int, hr_attended: Sequence[int]) -> int:
     """What FlexAttention adds to one pass; hr_attended[i] = HR tokens layer i attended (0 at layers <= S)."""
-    d, d_attn, d_kv, _ = _dims(text_config)
-    total = 0
-    for layer in range(selection_layer, text_config.num_hidden_layers):
-        total += 2 * kv_len * d_attn  # the row's probabilities over text + LR
-        if layer > selection_layer:
-            m = hr_attended[layer]
-            total += 2 * 2 * m * d * d_kv + 2 * m * d_attn + 2 * (kv_len + m) * d_attn
-    return total
+    return sum(
+        flex_layer_extra_flops(text_config, layer, kv_len, selection_layer, hr_attended[layer])
+        for layer in range(text_config.num_hidden_layers)
+    )
 
 
 def call_flops(
@@ -74,11 +87,15 @@ def call_flops(
     selection_layer: int | None = None,
     zoom: int | None = None,
     hr_crops: int | None = None,
+    avl_keys: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, int]:
     """FLOPs of one answer: prefill of `prompt_len` tokens (LR image included) and `new_tokens` - 1 decoding steps
     (the last generated token is never fed back). hr_attended[pass][layer] comes from the run (flex) or is
     computed here (select_all: every HR token from layer S+1 on). `hr_crops` is how many of the zoom**2 HR crops
-    the vision tower encoded (fewer with lazy HR encoding; default all).
+    the vision tower encoded (fewer with lazy HR encoding; default all). `avl_keys[pass][layer]` = (keys attended,
+    extra keys scored for the selection map) as A-VL recorded them: decoding attention then covers only those keys,
+    and A-VL's own scoring of the row (at layers where FlexAttention does not already compute it) is counted in
+    `avl_scoring`.
     """
     if mode not in COST_MODES:
         raise ValueError(f"unknown mode {mode!r}")
@@ -92,23 +109,32 @@ def call_flops(
     n_layers = text.num_hidden_layers
 
     extra_prompt = hr_tokens if mode == "naive_hd" else 0
-    llm = 0
-    hr = 0
+    d_attn = _dims(text)[1]
+    flexy = mode in ("flex", "select_all")
+    llm = hr = avl_scoring = 0
     for step in range(max(new_tokens, 1)):  # pass 0 is the prefill
         q_len = prompt_len + extra_prompt if step == 0 else 1
-        kv_len = prompt_len + extra_prompt + step
-        llm += llm_pass_flops(text, q_len, kv_len)
-        if mode in ("flex", "select_all"):
-            if mode == "select_all":
-                counts = [hr_tokens if layer > sel else 0 for layer in range(n_layers)]
-            else:
-                counts = hr_attended[step] if hr_attended and step < len(hr_attended) else [0] * n_layers
-            hr += flex_pass_extra_flops(text, kv_len, sel, counts)
+        full_kv = prompt_len + extra_prompt + step
+        if mode == "select_all":
+            counts = [hr_tokens if layer > sel else 0 for layer in range(n_layers)]
+        else:
+            counts = hr_attended[step] if hr_attended and step < len(hr_attended) else [0] * n_layers
+        for layer in range(n_layers):
+            kv, extra = avl_keys[step][layer] if avl_keys else (full_kv, 0)
+            llm += llm_layer_flops(text, q_len, kv)
+            if flexy:
+                hr += flex_layer_extra_flops(text, layer, kv, sel, counts[layer])
+            if avl_keys:
+                selecting = flexy and layer >= sel
+                avl_scoring += (0 if selecting else 2 * kv * d_attn) + 2 * extra * d_attn
+        llm += 2 * text.hidden_size * text.vocab_size  # LM head, last row
     out = {
         "vision": vision_flops(v, n_images),
         "projector": projector_flops(config, n_images),
         "llm": llm,
         "hr_attention": hr,
     }
+    if avl_keys:
+        out["avl_scoring"] = avl_scoring
     out["total"] = sum(out.values())
     return out

@@ -344,7 +344,7 @@ class FlexVLM:
         crops = prepared.hr.crops_encoded if mode != "lowres" else 0
         flops = cost.call_flops(  # as a cold call: LR view + the HR crops this image needed so far
             self.model.config, mode, prompt_len, passes, attended, selection_layer=settings.selection_layer,
-            zoom=settings.zoom, hr_crops=crops,
+            zoom=settings.zoom, hr_crops=crops, avl_keys=cache.keys_scored if avl_settings is not None else None,
         )
         times = timer.times
         decode = [b - a for a, b in zip(times[1:-1], times[2:])]
@@ -376,10 +376,8 @@ class FlexVLM:
             mean_visual = sum(per_step) / len(per_step) if per_step else float(g * g)
             stats["avl"] = {
                 "settings": avl_settings.to_dict(),
-                # what the same cache would hold without eviction: every seen token at this layer's entry size
-                "kv_bytes_full_cache": sum(
-                    layer.seen * layer.nbytes() // max(layer.keys.shape[-2], 1) for layer in cache.layers
-                ),
+                "kv_bytes_full_cache": sum(cache.full_cache_nbytes_per_layer()),  # the same cache without eviction
+                "kv_bytes_full_cache_per_layer": cache.full_cache_nbytes_per_layer(),
                 "visual_attended_per_step": per_step,
                 "visual_attention_ratio": mean_visual / (g * g),
             }

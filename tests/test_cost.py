@@ -33,15 +33,16 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("mode", ["lowres", "flex", "select_all"])
-def test_cost_model_matches_flop_counter(vlm, mode):
+@pytest.mark.parametrize("mode,avl", [("lowres", False), ("flex", False), ("select_all", False), ("flex", True),
+                                      ("lowres", True)])
+def test_cost_model_matches_flop_counter(vlm, mode, avl):
     image = random_image(100, 60, seed=1)
-    new_tokens = 4
+    new_tokens = 8 if avl else 4  # with A-VL: past a refresh step
     result = {}
 
     def run():
         vlm._cache.clear()  # count the vision tower too
-        result["answer"] = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=new_tokens, trace=False)
+        result["answer"] = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=new_tokens, trace=False, avl=avl)
 
     measured = counted(run)
     answer = result["answer"]
@@ -50,6 +51,8 @@ def test_cost_model_matches_flop_counter(vlm, mode):
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
     if mode == "flex":
         assert 0 < answer.stats["hr_attended_mean"] < answer.stats["hr_tokens"]
+    if avl:
+        assert answer.stats["flops"]["avl_scoring"] > 0
 
 
 @torch.no_grad()
