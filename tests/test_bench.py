@@ -159,5 +159,5 @@ def test_cli_bench_rejects_bad_options(argv, capsys):
 
 def test_format_report_shows_one_table_per_zoom_and_the_targets(result):
     text = bench.format_report(result)
-    assert "zoom 3" in text and "naive_hd" in text and "targets (tiny, zoom 3)" in text
+    assert "zoom 3" in text and "naive_hd" in text and "targets (tiny, zoom 3; the targets are set for 7b-shaped" in text
     assert "follow-up question" in text and "lazy HR encoding" in text
