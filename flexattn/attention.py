@@ -135,6 +135,7 @@ class FlexState:
         self.pass_index = -1
         self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
         self._attended: dict[tuple[int, int], torch.Tensor] = {}  # (pass, layer) -> HR tokens the last row saw
+        self._projected: dict[tuple[int, int], int] = {}  # (pass, layer) -> HR tokens projected (not cached)
 
     def begin_pass(self) -> None:
         self.pass_index += 1
@@ -153,8 +154,15 @@ class FlexState:
 
     def hr_attended(self, num_layers: int) -> list[list[int]]:
         """HR tokens the last query row attended, per pass and layer (batch row 0); 0 where none."""
+        return self._per_pass(self._attended, num_layers)
+
+    def hr_projected(self, num_layers: int) -> list[list[int]]:
+        """HR tokens whose keys/values were projected, per pass and layer (the others came from the image's cache)."""
+        return self._per_pass(self._projected, num_layers)
+
+    def _per_pass(self, counts: dict, num_layers: int) -> list[list[int]]:
         passes = [[0] * num_layers for _ in range(self.pass_index + 1)]
-        for (p, layer), count in self._attended.items():
+        for (p, layer), count in counts.items():
             passes[p][layer] = int(count)
         return passes
 
@@ -204,23 +212,33 @@ def _lr_map_from_positions(probs: torch.Tensor, positions: torch.Tensor, state: 
 
 
 def _hr_keys_values(module, state: FlexState, hr_mask: torch.Tensor):
-    """Keys/values of the HR tokens the rows may attend to, plus a (B, 1, R, M) additive mask over them."""
+    """Keys/values of the HR tokens the rows may attend to, a (B, 1, R, M) additive mask over them, and how many
+    tokens were projected for this call (the rest were cached)."""
     hr = state.hr_features
-    cos, sin = state.hr_cos, state.hr_sin
-    if isinstance(hr, HRFeatures) or hr.shape[0] == 1:  # inference: only the selected tokens (union over rows)
-        keep = hr_mask[0].any(0).nonzero().squeeze(1)
-        hr = hr.gather(keep)[None] if isinstance(hr, HRFeatures) else hr[:, keep]
-        cos, sin = cos[keep], sin[keep]
-        hr_mask = hr_mask[:, :, keep]
-    b, m, _ = hr.shape
     d = module.head_dim
-    kv_heads = module.k_proj_hd.out_features // d  # explicit: m may be 0 when nothing is selected
-    keys = module.k_proj_hd(hr).view(b, m, kv_heads, d).transpose(1, 2)
-    values = module.v_proj_hd(hr).view(b, m, kv_heads, d).transpose(1, 2)
-    keys = keys * cos + rotate_half(keys) * sin  # rotary on keys only, positions from the LR grid
+    kv_heads = module.k_proj_hd.out_features // d
+
+    def project(features, tokens):  # (M, D) -> keys (rotary with the LR grid's positions) and values, (M, kv_dim)
+        keys = module.k_proj_hd(features).view(-1, kv_heads, d)
+        cos, sin = state.hr_cos[tokens][:, None], state.hr_sin[tokens][:, None]
+        keys = keys * cos + rotate_half(keys) * sin
+        return keys.flatten(1), module.v_proj_hd(features)
+
+    if isinstance(hr, HRFeatures):  # inference: the selected tokens (union over rows), projected once per image
+        keep = hr_mask[0].any(0).nonzero().squeeze(1)
+        keys, values, projected = hr.keys_values(module.layer_idx, keep, project, depends_on=state.image_start)
+        keys, values, hr_mask = keys[None], values[None], hr_mask[:, :, keep]
+    else:  # training: every HR token of every batch row; rows mask out what they did not select
+        tokens = torch.arange(hr.shape[1], device=hr.device)
+        keys, values = project(hr.flatten(0, 1), tokens.repeat(hr.shape[0]))
+        keys, values = keys.view(*hr.shape[:2], -1), values.view(*hr.shape[:2], -1)
+        projected = tokens.numel() * hr.shape[0]
+    b, m = keys.shape[:2]
+    keys = keys.view(b, m, kv_heads, d).transpose(1, 2)
+    values = values.view(b, m, kv_heads, d).transpose(1, 2)
     bias = torch.zeros(hr_mask.shape, dtype=keys.dtype, device=keys.device)
     bias = bias.masked_fill(~hr_mask, torch.finfo(keys.dtype).min)[:, None]
-    return keys, values, bias
+    return keys, values, bias, projected
 
 
 def flex_attention_forward(
@@ -279,7 +297,8 @@ def flex_attention_forward(
 
 def _attend_hr(module, state: FlexState, rows, q_rows, scores, values, output, scaling):
     """Replace the HR rows' outputs by softmax([q.K_text+LR ; q.K_HR]) . [V_text+LR ; V_HR]."""
-    hr_keys, hr_values, hr_bias = _hr_keys_values(module, state, state.hr_mask)
+    hr_keys, hr_values, hr_bias, projected = _hr_keys_values(module, state, state.hr_mask)
+    state._projected[(state.pass_index, module.layer_idx)] = projected
     hr_keys = repeat_kv(hr_keys, module.num_key_value_groups)
     hr_values = repeat_kv(hr_values, module.num_key_value_groups)
     hr_scores = (q_rows @ hr_keys.transpose(2, 3)) * scaling + hr_bias

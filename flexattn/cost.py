@@ -58,15 +58,18 @@ def llm_pass_flops(text_config, q_len: int, kv_len: int, logits_rows: int = 1) -
     return text_config.num_hidden_layers * llm_layer_flops(text_config, q_len, kv_len) + head
 
 
-def flex_layer_extra_flops(text_config, layer: int, kv_len: int, selection_layer: int, hr_attended: int) -> int:
-    """What FlexAttention adds to one layer of one pass (0 before the selection layer)."""
+def flex_layer_extra_flops(text_config, layer: int, kv_len: int, selection_layer: int, hr_attended: int,
+                           hr_projected: int | None = None) -> int:
+    """What FlexAttention adds to one layer of one pass (0 before the selection layer). `hr_projected`: HR tokens
+    whose keys/values this pass computed (default all attended, as the released code recomputes them every pass)."""
     d, d_attn, d_kv, _ = _dims(text_config)
     if layer < selection_layer:
         return 0
     total = 2 * kv_len * d_attn  # the row's probabilities over text + LR
     if layer > selection_layer:
         m = hr_attended
-        total += 2 * 2 * m * d * d_kv + 2 * m * d_attn + 2 * (kv_len + m) * d_attn
+        p = m if hr_projected is None else hr_projected
+        total += 2 * 2 * p * d * d_kv + 2 * m * d_attn + 2 * (kv_len + m) * d_attn
     return total
 
 
@@ -88,6 +91,7 @@ def call_flops(
     zoom: int | None = None,
     hr_crops: int | None = None,
     avl_keys: Sequence[Sequence[tuple[int, int]]] | None = None,
+    hr_projected: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, int]:
     """FLOPs of one answer: prefill of `prompt_len` tokens (LR image included) and `new_tokens` - 1 decoding steps
     (the last generated token is never fed back). hr_attended[pass][layer] comes from the run (flex) or is
@@ -95,7 +99,8 @@ def call_flops(
     the vision tower encoded (fewer with lazy HR encoding; default all). `avl_keys[pass][layer]` = (keys attended,
     extra keys scored for the selection map) as A-VL recorded them: decoding attention then covers only those keys,
     and A-VL's own scoring of the row (at layers where FlexAttention does not already compute it) is counted in
-    `avl_scoring`.
+    `avl_scoring`. `hr_projected[pass][layer]`: HR tokens whose keys/values that pass projected (flexattn caches
+    them per image; default: every attended token in every pass, as in the released code).
     """
     if mode not in COST_MODES:
         raise ValueError(f"unknown mode {mode!r}")
@@ -123,7 +128,8 @@ def call_flops(
             kv, extra = avl_keys[step][layer] if avl_keys else (full_kv, 0)
             llm += llm_layer_flops(text, q_len, kv)
             if flexy:
-                hr += flex_layer_extra_flops(text, layer, kv, sel, counts[layer])
+                projected = hr_projected[step][layer] if hr_projected and step < len(hr_projected) else None
+                hr += flex_layer_extra_flops(text, layer, kv, sel, counts[layer], projected)
             if avl_keys:
                 selecting = flexy and layer >= sel
                 avl_scoring += (0 if selecting else 2 * kv * d_attn) + 2 * extra * d_attn

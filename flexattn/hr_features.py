@@ -2,6 +2,10 @@
 
 Every crop is encoded on its own (batch of one) in both cases, so lazy and eager encoding give bit-identical
 features, and outputs do not depend on which crops were encoded when.
+
+The HR keys and values a layer attends to (`k_proj_hd` / `v_proj_hd` of these features, keys rotated with the
+interpolated LR positions) depend only on the image, the layer and where the image sits in the prompt, so they
+are computed once per token and layer and reused by later passes and follow-up questions.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class HRFeatures:
         self._encode = encode
         self._buffer = torch.zeros(zoom * zoom, lr_grid * lr_grid, dim, dtype=dtype, device=device)
         self._done = torch.zeros(zoom * zoom, dtype=torch.bool)
+        self._kv: dict[int, _ProjectedRows] = {}  # layer -> HR keys/values computed so far
+        self._kv_key = None  # what the projections depend on besides the layer (the image's prompt position)
 
     @property
     def crops_encoded(self) -> int:
@@ -48,3 +54,32 @@ class HRFeatures:
         crop = (row // g) * self.zoom + (col // g)
         self.encode(crop.unique().tolist())
         return self._buffer[crop, (row % g) * g + (col % g)]
+
+    def keys_values(self, layer: int, tokens: torch.Tensor, project, depends_on):
+        """HR keys and values (M, kv_dim) of `tokens` at `layer`, and how many of them were projected now:
+        `project(features, tokens) -> (keys, values)` runs only for tokens not projected before. Cached rows are
+        dropped when `depends_on` changes."""
+        if depends_on != self._kv_key:
+            self._kv, self._kv_key = {}, depends_on
+        rows = self._kv.get(layer)
+        if rows is None:
+            rows = self._kv[layer] = _ProjectedRows(self.grid * self.grid, self._buffer.device)
+        missing = tokens[rows.index[tokens] < 0]
+        if missing.numel() or rows.keys is None:  # (an empty first call still sets the shapes)
+            rows.add(missing, *project(self.gather(missing), missing))
+        where = rows.index[tokens]
+        return rows.keys[where], rows.values[where], missing.numel()
+
+
+class _ProjectedRows:
+    """One layer's projected HR keys/values, stored compactly in the order they were first needed."""
+
+    def __init__(self, n_tokens: int, device):
+        self.index = torch.full((n_tokens,), -1, dtype=torch.long, device=device)
+        self.keys = self.values = None
+
+    def add(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        start = 0 if self.keys is None else self.keys.shape[0]
+        self.index[tokens] = torch.arange(start, start + tokens.numel(), device=self.index.device)
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
+        self.values = values if self.values is None else torch.cat([self.values, values])

@@ -342,9 +342,10 @@ class FlexVLM:
         prompt_len = inputs_embeds.shape[1]
         attended = state.hr_attended(n_layers)
         crops = prepared.hr.crops_encoded if mode != "lowres" else 0
-        flops = cost.call_flops(  # as a cold call: LR view + the HR crops this image needed so far
+        flops = cost.call_flops(  # LR view + the HR crops this image needed so far, as if encoded by this call
             self.model.config, mode, prompt_len, passes, attended, selection_layer=settings.selection_layer,
             zoom=settings.zoom, hr_crops=crops, avl_keys=cache.keys_scored if avl_settings is not None else None,
+            hr_projected=state.hr_projected(n_layers),
         )
         times = timer.times
         decode = [b - a for a, b in zip(times[1:-1], times[2:])]
@@ -357,6 +358,7 @@ class FlexVLM:
             "hr_attended_per_layer": attended[0] if attended else [],
             "hr_attended_mean": _mean_attended(attended, settings.selection_layer),
             "hr_crops_encoded": crops,
+            "hr_kv_projected": sum(map(sum, state.hr_projected(n_layers))),  # HR keys/values not found cached
             "prefix_tokens_reused": reused,
             "kv_bytes": sum(kv_bytes),  # held by the cache at the end of generation
             "kv_bytes_per_layer": kv_bytes,

@@ -289,3 +289,14 @@ def test_shift_selection_rolls_every_mask(tiny_vlm):
     S = tiny_vlm.settings.selection_layer
     # the layer that selects first sees the same attention either way; its mask is the plain one rolled
     assert np.array_equal(shifted.trace.passes[0][S].selected, np.roll(plain.trace.passes[0][S].selected, (6, 6), (0, 1)))
+
+
+def test_hr_keys_values_are_projected_once_per_image():
+    vlm = make_vlm(seed=14, num_layers=5, selection_layer=2, lowres_size=84, threshold=120)
+    image = random_image(80, 96, seed=23)
+    first = vlm.answer(image, QUESTION, max_new_tokens=4, reuse_prefix=False)
+    again = vlm.answer(image, QUESTION, max_new_tokens=4, reuse_prefix=False)
+    assert first.stats["hr_kv_projected"] > 0
+    assert again.stats["hr_kv_projected"] == 0  # every selected token's keys/values came from the image's cache
+    assert again.token_ids == first.token_ids
+    assert again.stats["flops"]["hr_attention"] < first.stats["flops"]["hr_attention"]
