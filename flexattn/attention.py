@@ -10,7 +10,9 @@ How a forward pass runs (prefill or one decoding step alike):
     rotary tables bicubically interpolated from the LR grid.
 
 Nothing is stored on modules: the model passes `flex_state=FlexState(...)` through `generate`/`forward` kwargs,
-and transformers hands it to this function at every layer.
+and transformers hands it to this function at every layer. HR keys/values never enter the KV cache; they are
+projected once per image and layer and kept with the image's HR features (`HRFeatures.keys_values`). With A-VL
+(`FlexState.avl`), decoding steps attend to the subset of cache entries A-VL keeps in its core.
 """
 
 from __future__ import annotations
