@@ -12,26 +12,42 @@ Models
   * `embedded` (assets/flexattn-tiny) or any checkpoint PATH / hub id: its own, learned selection; FLOPs for the
     model itself.
 
-Modes (each with A-VL off; the A-VL dimension is kept in every row as `avl`, for the A-VL decoding rows to come)
+Modes, each without and with A-VL for decoding (`--avl off|on|both`, default both; the row's `avl` key)
   * `lowres`, `flex`, `select_all`: the pipeline's modes; flex encodes HR crops lazily (only those a selection
     touches), select_all encodes them all;
   * `naive_hd`: every HR token fed to the LLM as an ordinary input token: the prompt is text + the LR features
     + all G*G HR features (in that order, in the image's place) + text, with plain causal attention in every layer.
-    Cost only: no weights are trained for it.
+    Cost only: no weights are trained for it. With A-VL its cache treats every visual token (LR + HR) as visual.
+  * A-VL rows: the call's cache is an `AVLCache` (default AVLSettings unless given), also handed to the FlexState
+    (naive_hd: a "lowres" FlexState, so A-VL can hook in). Eviction follows the prefill's attention at each layer,
+    so the KV bytes after prefill already show it; decoding steps attend to the kept text + core visual tokens
+    (every `refresh_every`-th step: all kept visual). A-VL rows run right after the same mode's rows without A-VL
+    and by default with 1 repeat and no warm-up of their own (A-VL changes decoding; the prefill is the same work
+    plus A-VL's scoring). When A-VL rows run, every row decodes max(--decode-steps, 6, refresh_every + 1) greedy
+    steps, so that decoding passes a refresh step and both variants decode the same number of steps.
 
 What one mode's row holds (one image, one question; per repeat the image caches are dropped, a cold call):
   * `vision_s`: view making + vision tower + projector for the LR view and the HR crops the mode encodes;
   * `prefill_s`: the LLM forward over the prompt (lazy crop encoding inside it is counted as vision, not here);
   * `first_token_s`: both, image to first token; medians over `repeats` after `warmup` excluded calls;
-  * `decode_ms_per_token`: median of greedy decoding steps after the last repeat's prefill;
+  * `decode_ms_per_token`: median of greedy decoding steps after the last repeat's prefill (and their mean:
+    A-VL's refresh steps cost more than its other steps);
   * `peak_memory_bytes`: on CUDA the rise of `torch.cuda.max_memory_allocated` over the call; on the CPU the rise
     of the process's resident-set high-water mark (Linux VmHWM, reset through /proc/self/clear_refs) over the
     call; weights already resident are not counted. None where neither is available;
   * `kv_cache_bytes`: bytes of the key/value tensors the cache holds after prefill (flex keeps no HR entries in the
     cache: its HR keys/values are recomputed from `hr_feature_bytes` of encoded HR features at each pass);
-  * `flops`: analytic, image to first token (vision + projector + LLM prefill + HR projections/attention), and
-    `decode_flops_per_token`.
-Ratios of each mode to naive_hd and to lowres are taken within one (model, zoom, A-VL) group.
+  * `kv_cache_bytes_end`: the same at the end of decoding; A-VL rows also give `kv_cache_bytes_full_cache_end`,
+    what their cache would hold without eviction;
+  * `visual_attended_per_step`: visual cache entries (LR tokens; naive_hd: LR + HR) the decoding query attends
+    to, per decoding step (mean over layers): all of them without A-VL, the core (refresh steps: all kept) with it;
+  * `flops`: analytic, image to first token (vision + projector + LLM prefill + HR projections/attention; A-VL rows
+    add `avl_scoring`, A-VL's own scoring of the last row where FlexAttention does not already compute it), and
+    `decode_flops_per_token`: the mean over the measured decoding steps, from the run's per-step HR counts and
+    (A-VL) the keys each layer attended and scored (`cost.call_flops(..., avl_keys=...)`).
+Ratios of each mode to naive_hd and to lowres are taken within one (model, zoom, A-VL) group; A-VL against no A-VL
+per mode (KV bytes after prefill and at the end, decode time, decode FLOPs, visual tokens attended per step) are
+in `avl_comparison` (and `avl_ratios` for the main model and zoom).
 
 On CUDA: bfloat16 and CUDA events; absolute times are reported as such. On the CPU the ratios are the result;
 absolute times are CPU wall-clock seconds, printed and labelled as such.
@@ -52,14 +68,16 @@ from pathlib import Path
 import torch
 
 from . import cost
+from .avl import AVLCache, AVLSettings
 from .image import ImageProcessor
 from .loading import EMBEDDED_MODEL, LoadedModel, ModelLoadError
 from .pipeline import FlexVLM
 
 MODES = ("lowres", "flex", "select_all", "naive_hd")
-# A-VL (adaptive KV-cache decoding) variants to run per mode. Only "without A-VL" exists yet; A-VL rows will add
-# True here, and every row, ratio group and table line already carries the `avl` key.
-AVL_VARIANTS = (False,)
+# A-VL (adaptive KV-cache decoding) variants run per mode: without and with A-VL (`--avl off|on|both`).
+AVL_VARIANTS = (False, True)
+AVL_MIN_DECODE_STEPS = 6  # decoding steps when A-VL rows run: past a refresh step (refresh_every 3) and its next
+AVL_REPEATS, AVL_WARMUP = 1, 0  # A-VL rows' defaults: they follow the same mode's rows, which warmed it up
 MAIN_ZOOM = 3
 QUESTION = "what letter is on the red circle ?"
 FOLLOW_UP = "what colour is the shape marked k ?"
@@ -378,21 +396,30 @@ class ColdCall:
     llm_tokens: int
     crops: int
     attended: list[int]  # HR tokens the last row attended, per layer, in the prefill
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # after prefill (with A-VL: after its eviction, which runs inside the prefill)
     hr_feature_bytes: int
     peak_memory_bytes: int | None
     logits: torch.Tensor
     decode_s: list[float]
     decoded: list[int]
+    attended_passes: list[list[int]] = field(default_factory=list)  # [pass][layer], pass 0 the prefill
+    kv_cache_bytes_end: int | None = None  # after the last decoding step
+    image_tokens: int = 0  # visual tokens in the LLM's prompt (LR; naive_hd: LR + HR)
+    avl: AVLCache | None = None  # the A-VL cache of the call (its keys_scored, visual_attended, bytes)
 
 
 def cold_call(bm: BenchModel, mode: str, zoom: int, clock: Clock, planted=None, lazy: bool = True,
-              decode_steps: int = 0, image=None, question=None) -> ColdCall:
-    """One cold call: drop cached features, encode the image for `mode`, prefill, then `decode_steps` greedy steps."""
+              decode_steps: int = 0, image=None, question=None, avl: AVLSettings | None = None) -> ColdCall:
+    """One cold call: drop cached features, encode the image for `mode`, prefill, then `decode_steps` greedy steps.
+
+    With `avl`, the call's KV cache is an AVLCache handed to the FlexState as well (naive_hd, which has no FlexState
+    of its own, gets a "lowres" one so that A-VL can hook into its attention; all its LR + HR tokens are visual).
+    """
     vlm, model = bm.vlm, bm.vlm.model
     image = bm.image if image is None else image
     question = bm.question if question is None else question
     settings = vlm.settings.with_overrides(zoom=zoom)
+    n_layers = model.config.text_config.num_hidden_layers
     vlm._cache.clear()
     encode_spans = []
     original = model.encode_pixels
@@ -413,16 +440,24 @@ def cold_call(bm: BenchModel, mode: str, zoom: int, clock: Clock, planted=None, 
             prepare_spans = len(encode_spans)
             embeds, start = vlm.prompt_embeds(prepared, question)
             prompt_len = embeds.shape[1]
-            state = None
+            image_tokens = prepared.lr_grid**2
+            state = cache = None
             if mode == "naive_hd":
                 after_lr = start + prepared.lr_grid**2
                 hr = prepared.hr_features[None].to(embeds.dtype)
                 embeds = torch.cat([embeds[:, :after_lr], hr, embeds[:, after_lr:]], dim=1)
+                image_tokens += hr.shape[1]
+                if avl is not None:
+                    state = vlm.flex_state(prepared, "lowres", settings, start)
             else:
                 state = vlm.flex_state(prepared, mode, settings, start,
                                        planted_selection=planted if mode == "flex" else None)
+            if avl is not None:
+                cache = AVLCache(avl, n_layers, start, image_tokens)
+                state.avl = cache
             t2 = clock.mark()
-            out = model(inputs_embeds=embeds, flex_state=state, logits_to_keep=1, use_cache=True)
+            out = model(inputs_embeds=embeds, flex_state=state, past_key_values=cache, logits_to_keep=1,
+                        use_cache=True)
             t3 = clock.mark()
             cache = out.past_key_values
             kv = cache_bytes(cache)
@@ -443,8 +478,10 @@ def cold_call(bm: BenchModel, mode: str, zoom: int, clock: Clock, planted=None, 
                     token = step.logits[:, -1].argmax(-1)
         clock.sync()
         lazy_s = sum(clock.seconds(a, b) for a, b in encode_spans[prepare_spans:])
-        n_layers = model.config.text_config.num_hidden_layers
-        attended = state.hr_attended(n_layers)[0] if state is not None and state.pass_index >= 0 else [0] * n_layers
+        if state is not None and state.pass_index >= 0:
+            attended_passes = state.hr_attended(n_layers)
+        else:
+            attended_passes = [[0] * n_layers for _ in range(1 + len(decoded))]
         crops = prepared.hr.crops_encoded if mode != "lowres" else 0
         hr_bytes = crops * prepared.lr_grid**2 * model.config.text_config.hidden_size * model.dtype.itemsize
         return ColdCall(
@@ -453,13 +490,17 @@ def cold_call(bm: BenchModel, mode: str, zoom: int, clock: Clock, planted=None, 
             prompt_len=prompt_len,
             llm_tokens=embeds.shape[1],
             crops=crops,
-            attended=attended,
+            attended=attended_passes[0],
             kv_cache_bytes=kv,
             hr_feature_bytes=hr_bytes,
             peak_memory_bytes=memory.bytes,
             logits=logits,
             decode_s=[clock.seconds(a, b) for a, b in decode_s],
             decoded=decoded,
+            attended_passes=attended_passes,
+            kv_cache_bytes_end=cache_bytes(cache),
+            image_tokens=image_tokens,
+            avl=cache if avl is not None else None,
         )
     finally:
         del model.encode_pixels  # back to the class's method
@@ -483,51 +524,123 @@ def _full_depth_counts(bm: BenchModel, attended: list[int]) -> list[int]:
     return [0 if layer <= sel else m for layer in range(n)]
 
 
+def _full_depth_avl_keys(bm: BenchModel, keys_scored) -> list[list[tuple[int, int]]]:
+    """A-VL's (keys attended, extra keys scored) per pass and layer for the cost model's depth: the run's own, or
+    (full-depth 7B) per pass the run's mean below its selection layer at every layer below the deeper model's, and
+    its mean from the selection layer on at every layer from there (A-VL keeps the same number of entries in every
+    layer; FlexAttention's selection scoring adds keys only from the selection layer on)."""
+    if not bm.scaled_cost:
+        return [[tuple(k) for k in per_layer] for per_layer in keys_scored]
+    s_run, sel = bm.vlm.settings.selection_layer, bm.cost_selection_layer
+    n = bm.cost_config.text_config.num_hidden_layers
+
+    def mean(items):
+        return tuple(round(sum(k[i] for k in items) / len(items)) for i in (0, 1))
+
+    out = []
+    for per_layer in keys_scored:
+        below, above = per_layer[:s_run], per_layer[s_run:]
+        low = mean(below) if below else mean(above)
+        high = mean(above) if above else low
+        out.append([low if layer < sel else high for layer in range(n)])
+    return out
+
+
 def analytic_flops(bm: BenchModel, mode: str, zoom: int, prompt_len: int, attended: list[int],
-                   crops: int | None) -> tuple[dict, int]:
-    """(FLOPs image to first token per part, FLOPs of one decoding step) for the cost model's config."""
-    counts = _full_depth_counts(bm, attended) if mode == "flex" else None
-    args = dict(selection_layer=bm.cost_selection_layer, zoom=zoom,
-                hr_crops=crops if mode == "flex" else None)
-    first = cost.call_flops(bm.cost_config, mode, prompt_len, 1, [counts] if counts else None, **args)
-    two = cost.call_flops(bm.cost_config, mode, prompt_len, 2, [counts, counts] if counts else None, **args)
-    return first, two["total"] - first["total"]
+                   crops: int | None, decode_passes: Sequence[Sequence[int]] | None = None,
+                   avl_keys=None) -> tuple[dict, dict | None]:
+    """(FLOPs image to first token per part, decoding FLOPs per token per part) for the cost model's config.
+
+    attended: the prefill's HR counts per layer (measured depth); decode_passes: the same for each measured
+    decoding step (default: one step with the prefill's counts); avl_keys: an A-VL call's keys_scored[pass][layer]
+    (every pass, the prefill first). Decoding FLOPs are the mean over the decoding steps; None for an A-VL call
+    that decoded nothing.
+    """
+    if decode_passes is None or not len(decode_passes):
+        if avl_keys is not None and len(avl_keys) > 1:
+            decode_passes = [attended] * (len(avl_keys) - 1)
+        else:
+            decode_passes = [] if avl_keys is not None else [attended]
+    passes = [attended, *decode_passes]
+    counts = [_full_depth_counts(bm, c) for c in passes] if mode == "flex" else None
+    keys = _full_depth_avl_keys(bm, avl_keys[: len(passes)]) if avl_keys is not None else None
+    args = dict(selection_layer=bm.cost_selection_layer, zoom=zoom, hr_crops=crops if mode == "flex" else None)
+    first = cost.call_flops(bm.cost_config, mode, prompt_len, 1, counts[:1] if counts else None,
+                            avl_keys=keys[:1] if keys else None, **args)
+    steps = len(passes) - 1
+    if not steps:
+        return first, None
+    total = cost.call_flops(bm.cost_config, mode, prompt_len, len(passes), counts, avl_keys=keys, **args)
+    decode = {k: round((total[k] - first[k]) / steps) for k in ("llm", "hr_attention", "avl_scoring", "total")
+              if k in total}
+    return first, decode
 
 
-def run_flops_at_depth(bm: BenchModel, mode: str, zoom: int, prompt_len: int, attended, crops) -> int | None:
+def run_flops_at_depth(bm: BenchModel, mode: str, zoom: int, prompt_len: int, attended, crops,
+                       avl_keys=None) -> int | None:
     """FLOPs at the measured depth (only differs from `flops` for the 7b-shaped model)."""
     if not bm.scaled_cost:
         return None
     config = bm.vlm.model.config
     hr = [list(attended)] if mode == "flex" else None
     return cost.call_flops(config, mode, prompt_len, 1, hr, selection_layer=bm.vlm.settings.selection_layer,
-                           zoom=zoom, hr_crops=crops if mode == "flex" else None)["total"]
+                           zoom=zoom, hr_crops=crops if mode == "flex" else None,
+                           avl_keys=[list(avl_keys[0])] if avl_keys else None)["total"]
+
+
+def _avl_settings(avl) -> AVLSettings | None:
+    if avl is None or avl is False:
+        return None
+    return AVLSettings() if avl is True else avl
+
+
+def avl_decode_steps(decode_steps: int, avl: AVLSettings | None) -> int:
+    """Decoding steps of every row when A-VL rows run: enough to pass a refresh step and the step after it."""
+    if avl is None:
+        return decode_steps
+    return max(decode_steps, AVL_MIN_DECODE_STEPS, avl.refresh_every + 1)
 
 
 def measure_mode(bm: BenchModel, mode: str, zoom: int, clock: Clock, *, repeats: int, warmup: int,
-                 decode_steps: int, measure: bool = True, planted=None, avl: bool = False) -> dict:
-    row = {"model": bm.name, "zoom": zoom, "mode": mode, "avl": avl, "measured": measure}
+                 decode_steps: int, measure: bool = True, planted=None, avl: AVLSettings | bool | None = None) -> dict:
+    """One row: `warmup` + `repeats` cold calls of `mode` (the last one decodes `decode_steps` greedy steps), with
+    A-VL when `avl` is given (True: default AVLSettings)."""
+    avl = _avl_settings(avl)
+    row = {"model": bm.name, "zoom": zoom, "mode": mode, "avl": avl is not None, "measured": measure}
     calls = []
     if measure:
         for i in range(warmup + repeats):
             last = i == warmup + repeats - 1
-            call = cold_call(bm, mode, zoom, clock, planted=planted, decode_steps=decode_steps if last else 0)
+            call = cold_call(bm, mode, zoom, clock, planted=planted, decode_steps=decode_steps if last else 0,
+                             avl=avl)
             tag = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
-            log(f"  [{bm.name} zoom {zoom}] {mode:<10} {tag:<12} vision {call.vision_s:7.3f} s  "
-                f"prefill {call.prefill_s:7.3f} s  ({call.llm_tokens} LLM tokens, {call.crops} HR crops)")
+            extra = ""
+            if last and call.decode_s:
+                extra = (f"  decode {statistics.median(call.decode_s) * 1000:7.1f} ms/token (median of "
+                         f"{len(call.decode_s)})  KV {call.kv_cache_bytes / 2**20:.1f} -> "
+                         f"{call.kv_cache_bytes_end / 2**20:.1f} MiB")
+            log(f"  [{bm.name} zoom {zoom}] {mode:<10} {'A-VL' if avl else '    '} {tag:<12} vision "
+                f"{call.vision_s:7.3f} s  prefill {call.prefill_s:7.3f} s  ({call.llm_tokens} LLM tokens, "
+                f"{call.crops} HR crops){extra}")
             if i >= warmup:
                 calls.append(call)
         ref = calls[-1]
         prompt_len, attended, crops = ref.prompt_len, ref.attended, ref.crops
-        llm_tokens = ref.llm_tokens
+        llm_tokens, image_tokens = ref.llm_tokens, ref.image_tokens
+        decode_passes = ref.attended_passes[1:]
+        avl_keys = ref.avl.keys_scored if ref.avl is not None else None
     else:  # naive_hd beyond --naive-max-zoom: analytic figures only
         prepared = bm.vlm.prepare(bm.image, highres=False, zoom=zoom)
         embeds, _ = bm.vlm.prompt_embeds(prepared, bm.question)
         prompt_len = embeds.shape[1]
         G = prepared.lr_grid * zoom
         attended, crops = [], zoom * zoom
-        llm_tokens = prompt_len + G * G
-    flops, decode_flops = analytic_flops(bm, mode, zoom, prompt_len, attended, crops)
+        llm_tokens, image_tokens = prompt_len + G * G, prepared.lr_grid**2 + G * G
+        decode_passes = avl_keys = None
+    if avl is not None and avl_keys is None:  # A-VL's keys come from a run: no analytic A-VL figures
+        flops, decode = None, None
+    else:
+        flops, decode = analytic_flops(bm, mode, zoom, prompt_len, attended, crops, decode_passes, avl_keys)
     v = bm.vlm.model.config.vision_config
     g = v.image_size // v.patch_size
     s_run = bm.vlm.settings.selection_layer
@@ -537,31 +650,55 @@ def measure_mode(bm: BenchModel, mode: str, zoom: int, clock: Clock, *, repeats:
         "prompt_tokens": prompt_len,
         "lr_tokens": g * g,
         "hr_tokens": (g * zoom) ** 2,
+        "image_tokens_in_prompt": image_tokens,
         "hr_crops_encoded": crops if mode != "lowres" else 0,
         "hr_attended_per_layer": attended,
         # naive_hd: every HR token is an ordinary input token, attended in every layer
         "hr_attended_mean": float((g * zoom) ** 2) if mode == "naive_hd" else
                             (sum(hr_layers) / len(hr_layers)) if hr_layers else 0.0,
         "flops": flops,
-        "decode_flops_per_token": decode_flops,
-        "flops_at_measured_depth": run_flops_at_depth(bm, mode, zoom, prompt_len, attended, crops),
+        "decode_flops_per_token": decode["total"] if decode else None,
+        "decode_flops_per_token_parts": decode,
+        "flops_at_measured_depth": None if flops is None else
+                                   run_flops_at_depth(bm, mode, zoom, prompt_len, attended, crops, avl_keys),
     })
+    if avl is not None:
+        row["avl_settings"] = avl.to_dict()
     if measure:
+        last = calls[-1]
+        steps = last.decode_s
+        if last.avl is not None:  # visual cache entries attended per decoding step, mean over layers
+            per_step = [sum(layers) / len(layers) for layers in last.avl.visual_attended[1:] if layers]
+        else:
+            per_step = [float(image_tokens)] * len(steps)
         row.update({
             "vision_s": _median([c.vision_s for c in calls]),
             "prefill_s": _median([c.prefill_s for c in calls]),
             "first_token_s": _median([c.vision_s + c.prefill_s for c in calls]),
             "prefill_s_repeats": [c.prefill_s for c in calls],
-            "decode_ms_per_token": (_median(calls[-1].decode_s) * 1000) if calls[-1].decode_s else None,
+            "decode_steps": len(steps),
+            "decode_ms_per_token": (_median(steps) * 1000) if steps else None,
+            "decode_ms_per_token_mean": (statistics.mean(steps) * 1000) if steps else None,
+            "decode_ms_steps": [s * 1000 for s in steps],
             "peak_memory_bytes": max((c.peak_memory_bytes for c in calls if c.peak_memory_bytes is not None),
                                      default=None),
-            "kv_cache_bytes": calls[-1].kv_cache_bytes,
-            "hr_feature_bytes": calls[-1].hr_feature_bytes,
+            "kv_cache_bytes": last.kv_cache_bytes,
+            "kv_cache_bytes_end": last.kv_cache_bytes_end,
+            "kv_cache_bytes_full_cache_end": sum(last.avl.full_cache_nbytes_per_layer()) if last.avl is not None
+                                             else last.kv_cache_bytes_end,
+            "hr_feature_bytes": last.hr_feature_bytes,
+            "visual_attended_per_step": per_step,
+            "visual_attended_mean": statistics.mean(per_step) if per_step else None,
         })
+        if last.avl is not None:
+            row["kv_cache_bytes_per_layer_end"] = last.avl.nbytes_per_layer()
     else:
         row.update({k: None for k in ("vision_s", "prefill_s", "first_token_s", "decode_ms_per_token",
-                                      "peak_memory_bytes", "kv_cache_bytes", "hr_feature_bytes")})
-        row["prefill_s_repeats"] = []
+                                      "decode_ms_per_token_mean", "peak_memory_bytes", "kv_cache_bytes",
+                                      "kv_cache_bytes_end", "kv_cache_bytes_full_cache_end", "hr_feature_bytes",
+                                      "visual_attended_mean")})
+        row.update({"prefill_s_repeats": [], "decode_ms_steps": [], "visual_attended_per_step": [],
+                    "decode_steps": 0})
     return row
 
 
@@ -573,15 +710,43 @@ def ratios(rows: list[dict]) -> dict:
     def ratio(a, b):
         return a / b if a is not None and b else None
 
+    def total(row):
+        return (row.get("flops") or {}).get("total")
+
     for mode, r in by_mode.items():
         naive, low = by_mode.get("naive_hd", {}), by_mode.get("lowres", {})
         out[mode] = {
-            "flops_vs_naive_hd": ratio(r["flops"]["total"], naive.get("flops", {}).get("total")),
-            "flops_vs_lowres": ratio(r["flops"]["total"], low.get("flops", {}).get("total")),
+            "flops_vs_naive_hd": ratio(total(r), total(naive)),
+            "flops_vs_lowres": ratio(total(r), total(low)),
             "prefill_time_vs_naive_hd": ratio(r.get("prefill_s"), naive.get("prefill_s")),
             "prefill_time_vs_lowres": ratio(r.get("prefill_s"), low.get("prefill_s")),
             "first_token_time_vs_naive_hd": ratio(r.get("first_token_s"), naive.get("first_token_s")),
             "first_token_time_vs_lowres": ratio(r.get("first_token_s"), low.get("first_token_s")),
+        }
+    return out
+
+
+def avl_ratios(without: list[dict], with_avl: list[dict]) -> dict:
+    """Per mode: the A-VL row's figures over the same mode's row without A-VL (same model and zoom)."""
+    plain = {r["mode"]: r for r in without}
+    out = {}
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    for r in with_avl:
+        base = plain.get(r["mode"])
+        if base is None:
+            continue
+        out[r["mode"]] = {
+            "kv_ratio": ratio(r.get("kv_cache_bytes_end"), base.get("kv_cache_bytes_end")),
+            "kv_ratio_after_prefill": ratio(r.get("kv_cache_bytes"), base.get("kv_cache_bytes")),
+            "kv_ratio_vs_own_full_cache": ratio(r.get("kv_cache_bytes_end"), r.get("kv_cache_bytes_full_cache_end")),
+            "decode_time_ratio": ratio(r.get("decode_ms_per_token"), base.get("decode_ms_per_token")),
+            "decode_time_ratio_mean": ratio(r.get("decode_ms_per_token_mean"), base.get("decode_ms_per_token_mean")),
+            "decode_flops_ratio": ratio(r.get("decode_flops_per_token"), base.get("decode_flops_per_token")),
+            "visual_attended_ratio": ratio(r.get("visual_attended_mean"), base.get("visual_attended_mean")),
+            "prefill_time_ratio": ratio(r.get("prefill_s"), base.get("prefill_s")),
         }
     return out
 
@@ -685,8 +850,15 @@ def planted_info(bm: BenchModel, zoom: int, planted: torch.Tensor) -> dict:
 
 def run(models: Sequence[BenchModel], zooms: Sequence[int] = (MAIN_ZOOM,), *, repeats: int = 3, warmup: int = 1,
         decode_steps: int = 4, followup_tokens: int = 4, modes: Sequence[str] = MODES,
-        naive_max_zoom: int | None = None, followup: bool = True, lazy_check: bool = True) -> dict:
-    """Benchmark every model at every zoom; returns the JSON-able result (see the module docstring)."""
+        naive_max_zoom: int | None = None, followup: bool = True, lazy_check: bool = True,
+        avl_variants: Sequence[bool] = AVL_VARIANTS, avl_settings: AVLSettings | None = None,
+        avl_repeats: int | None = AVL_REPEATS, avl_warmup: int | None = AVL_WARMUP) -> dict:
+    """Benchmark every model at every zoom; returns the JSON-able result (see the module docstring).
+
+    avl_variants: which of without (False) / with (True) A-VL to run per mode; avl_settings: A-VL's settings
+    (default AVLSettings()); avl_repeats / avl_warmup: the A-VL rows' repeats and warm-up calls (None: the same as
+    `repeats` / `warmup`).
+    """
     if not models:
         raise ValueError("no model to benchmark")
     for mode in modes:
@@ -694,6 +866,15 @@ def run(models: Sequence[BenchModel], zooms: Sequence[int] = (MAIN_ZOOM,), *, re
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
+    variants = [v for v in (False, True) if v in tuple(avl_variants)]
+    if not variants:
+        raise ValueError("avl_variants must hold False, True or both")
+    avl = (avl_settings or AVLSettings()) if True in variants else None
+    avl_repeats = repeats if avl_repeats is None else avl_repeats
+    avl_warmup = warmup if avl_warmup is None else avl_warmup
+    if avl_repeats < 1 or avl_warmup < 0:
+        raise ValueError("avl_repeats must be >= 1 and avl_warmup >= 0")
+    steps = avl_decode_steps(decode_steps, avl)
     device = models[0].vlm.device
     clock = Clock(device)
     result = {
@@ -701,9 +882,12 @@ def run(models: Sequence[BenchModel], zooms: Sequence[int] = (MAIN_ZOOM,), *, re
         "timing": "CUDA events, absolute times" if clock.cuda else
                   "CPU wall-clock (perf_counter): compare ratios; absolute times are this CPU's",
         "memory": memory_method(device),
-        "repeats": repeats, "warmup": warmup, "decode_steps": decode_steps,
-        "avl_variants": list(AVL_VARIANTS),
-        "models": [], "runs": [], "groups": [], "followup": [], "lazy_hr": [],
+        "repeats": repeats, "warmup": warmup, "decode_steps": steps, "decode_steps_requested": decode_steps,
+        "avl_variants": variants,
+        "avl": avl.to_dict() if avl is not None else None,
+        "avl_repeats": avl_repeats if avl is not None else None,
+        "avl_warmup": avl_warmup if avl is not None else None,
+        "models": [], "runs": [], "groups": [], "avl_comparison": [], "followup": [], "lazy_hr": [],
     }
     started = time.perf_counter()
     for bm in models:
@@ -729,14 +913,21 @@ def run(models: Sequence[BenchModel], zooms: Sequence[int] = (MAIN_ZOOM,), *, re
                 log(f"[{bm.name} zoom {zoom}] planted selection: {info['side']}x{info['side']} = {info['tokens']} of "
                     f"{info['hr_tokens']} HR tokens ({info['share']:.1%}), touching {info['crops_touched']} of "
                     f"{zoom * zoom} crops")
-            for avl in AVL_VARIANTS:
-                rows = []
-                for mode in modes:
-                    measure = not (mode == "naive_hd" and naive_max_zoom is not None and zoom > naive_max_zoom)
-                    rows.append(measure_mode(bm, mode, zoom, clock, repeats=repeats, warmup=warmup,
-                                             decode_steps=decode_steps, measure=measure, planted=planted, avl=avl))
-                result["runs"].extend(rows)
-                result["groups"].append({"model": bm.name, "zoom": zoom, "avl": avl, "ratios": ratios(rows)})
+            rows = {variant: [] for variant in variants}
+            for mode in modes:  # per mode: without A-VL, then with it (warmed up by the calls before it)
+                measure = not (mode == "naive_hd" and naive_max_zoom is not None and zoom > naive_max_zoom)
+                for variant in variants:
+                    n, w = (avl_repeats, avl_warmup) if variant else (repeats, warmup)
+                    rows[variant].append(measure_mode(bm, mode, zoom, clock, repeats=n, warmup=w,
+                                                      decode_steps=steps, measure=measure, planted=planted,
+                                                      avl=avl if variant else None))
+            for variant in variants:
+                result["runs"].extend(rows[variant])
+                result["groups"].append({"model": bm.name, "zoom": zoom, "avl": variant,
+                                         "ratios": ratios(rows[variant])})
+            if len(variants) == 2:
+                result["avl_comparison"].append({"model": bm.name, "zoom": zoom,
+                                                 "ratios": avl_ratios(rows[False], rows[True])})
             if followup and "flex" in modes:
                 result["followup"].append(measure_followup(bm, zoom, clock, repeats=repeats, warmup=warmup,
                                                            new_tokens=followup_tokens, planted=planted))
@@ -744,9 +935,11 @@ def run(models: Sequence[BenchModel], zooms: Sequence[int] = (MAIN_ZOOM,), *, re
                 result["lazy_hr"].append(measure_lazy(bm, zoom, clock, new_tokens=followup_tokens, planted=planted))
     main = models[0].name
     main_zoom = MAIN_ZOOM if MAIN_ZOOM in zooms else zooms[0]
-    result["main"] = {"model": main, "zoom": main_zoom, "avl": False}
-    group = next(g for g in result["groups"] if (g["model"], g["zoom"], g["avl"]) == (main, main_zoom, False))
+    result["main"] = {"model": main, "zoom": main_zoom, "avl": variants[0]}  # without A-VL where it ran
+    group = next(g for g in result["groups"] if (g["model"], g["zoom"], g["avl"]) == (main, main_zoom, variants[0]))
     result["ratios"] = group["ratios"]
+    comparison = next((c for c in result["avl_comparison"] if (c["model"], c["zoom"]) == (main, main_zoom)), None)
+    result["avl_ratios"] = comparison["ratios"] if comparison else None
     fu = next((f for f in result["followup"] if (f["model"], f["zoom"]) == (main, main_zoom)), None)
     result["followup_speedup"] = fu["followup_speedup"] if fu else None
     result["targets"] = check_targets(result)
@@ -785,11 +978,102 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _scale(value: float) -> tuple[float, str]:
+    return next((x for x in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")) if value >= x[0]), (1.0, "FLOPs"))
+
+
+def _mib(value) -> str:
+    return _fmt(None if value is None else value / 2**20, ".1f")
+
+
+def _prefill_table(result: dict, m: dict, group: dict, rows: list[dict], unit: str) -> list[str]:
+    side = m["lowres_size"] * group["zoom"]
+    lines = ["", f"zoom {group['zoom']} (HR {side} px, {rows[0]['hr_tokens']} HR tokens), "
+                 f"A-VL {'on' if group['avl'] else 'off'}"
+             + (f" ({result['avl_repeats']} repeat(s), {result['avl_warmup']} warm-up: A-VL rows run right after "
+                "the same mode without A-VL)" if group["avl"] and (result["avl_repeats"], result["avl_warmup"]) !=
+                (result["repeats"], result["warmup"]) else "")]
+    scale, unit_f = _scale(max((r["flops"] or {}).get("total", 0) for r in rows))
+    lines.append(f"FLOPs in {unit_f}" + (" (full-depth model)" if m["flops_llm_layers"] !=
+                                          m["measured_llm_layers"] else "")
+                 + ("; A-VL: its own scoring of the last row" if group["avl"] else ""))
+    header = (f"{'mode':<11}{'LLM tok':>8}{'crops':>6}{'HR att':>7} | {'vision':>7}{'proj':>7}{'LLM':>8}"
+              f"{'HR':>7}{'A-VL':>7}{'total':>8}{'/naive':>7}{'/lowres':>8} | {'prefill ' + unit:>12}{'/naive':>7}"
+              f"{'/lowres':>8}{'1st tok':>8}{'/naive':>7} | {'dec ms/t':>9}{'peak MiB':>9}{'KV MiB':>8}")
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        f = {k: v / scale for k, v in (r["flops"] or {}).items()}
+        q = group["ratios"][r["mode"]]
+        lines.append(
+            f"{r['mode']:<11}{r['llm_tokens']:>8}{r['hr_crops_encoded']:>6}{r['hr_attended_mean']:>7.0f} | "
+            f"{_fmt(f.get('vision'), '.2f'):>7}{_fmt(f.get('projector'), '.3f'):>7}{_fmt(f.get('llm'), '.2f'):>8}"
+            f"{_fmt(f.get('hr_attention'), '.3f'):>7}{_fmt(f.get('avl_scoring'), '.3f'):>7}"
+            f"{_fmt(f.get('total'), '.2f'):>8}{_fmt(q['flops_vs_naive_hd'], '.3f'):>7}"
+            f"{_fmt(q['flops_vs_lowres'], '.2f'):>8} | "
+            f"{_fmt(r['prefill_s'], '.3f'):>12}{_fmt(q['prefill_time_vs_naive_hd'], '.3f'):>7}"
+            f"{_fmt(q['prefill_time_vs_lowres'], '.2f'):>8}{_fmt(r['first_token_s'], '.2f'):>8}"
+            f"{_fmt(q['first_token_time_vs_naive_hd'], '.3f'):>7} | "
+            f"{_fmt(r['decode_ms_per_token'], '.1f'):>9}"
+            f"{_fmt(None if r['peak_memory_bytes'] is None else r['peak_memory_bytes'] / 2**20, '.0f'):>9}"
+            f"{_mib(r['kv_cache_bytes']):>8}"
+            + ("" if r["measured"] else "   (not measured: --naive-max-zoom)")
+        )
+    return lines
+
+
+def _decode_table(result: dict, m: dict, zoom: int) -> list[str]:
+    """Decoding per mode, without and with A-VL, and A-VL's figures over the same mode's without it."""
+    rows = [r for r in result["runs"] if (r["model"], r["zoom"]) == (m["name"], zoom)]
+    comparison = next((c["ratios"] for c in result["avl_comparison"] if (c["model"], c["zoom"]) == (m["name"], zoom)),
+                      {})
+    # scaled to the smallest: per-token figures differ by orders of magnitude (select_all recomputes HR keys)
+    scale, unit_f = _scale(min((r["decode_flops_per_token"] for r in rows if r["decode_flops_per_token"]),
+                               default=0))
+    depth = " (full-depth model)" if m["flops_llm_layers"] != m["measured_llm_layers"] else ""
+    lines = ["", f"decoding, zoom {zoom}: {result['decode_steps']} greedy steps after the last repeat's prefill; KV "
+                 f"MiB at measured depth; FLOPs per token in {unit_f}{depth}; visual = cache entries attended per "
+                 "step (LR; naive_hd LR + HR), mean over layers; /off = A-VL on over off, same mode"]
+    header = (f"{'mode':<11}{'A-VL':>5} | {'KV MiB':>7}{'KV end':>8}{'/off':>7}{'/off pre':>9} | {'ms/t med':>9}"
+              f"{'/off':>7}{'ms/t mean':>10}{'/off':>7} | {'dec ' + unit_f[:-1] + '/t':>11}{'A-VL':>7}{'/off':>7} | "
+              f"{'visual':>8}{'/off':>7}  per step")
+    lines += [header, "-" * len(header)]
+    for mode in MODES:
+        for r in (x for x in rows if x["mode"] == mode):
+            q = comparison.get(mode, {}) if r["avl"] else {}
+            parts = r["decode_flops_per_token_parts"] or {}
+            per_step = " ".join(f"{v:.0f}" for v in r["visual_attended_per_step"])
+            dec = None if r["decode_flops_per_token"] is None else r["decode_flops_per_token"] / scale
+            lines.append(
+                f"{mode:<11}{'on' if r['avl'] else 'off':>5} | {_mib(r['kv_cache_bytes']):>7}"
+                f"{_mib(r['kv_cache_bytes_end']):>8}{_fmt(q.get('kv_ratio'), '.3f', ''):>7}"
+                f"{_fmt(q.get('kv_ratio_after_prefill'), '.3f', ''):>9} | "
+                f"{_fmt(r['decode_ms_per_token'], '.1f'):>9}{_fmt(q.get('decode_time_ratio'), '.3f', ''):>7}"
+                f"{_fmt(r['decode_ms_per_token_mean'], '.1f'):>10}"
+                f"{_fmt(q.get('decode_time_ratio_mean'), '.3f', ''):>7} | "
+                f"{_fmt(dec, '.1f'):>11}"
+                f"{_fmt(parts['avl_scoring'] / scale if 'avl_scoring' in parts else None, '.2f', ''):>7}"
+                f"{_fmt(q.get('decode_flops_ratio'), '.3f', ''):>7} | "
+                f"{_fmt(r['visual_attended_mean'], '.0f'):>8}{_fmt(q.get('visual_attended_ratio'), '.3f', ''):>7}"
+                f"  {per_step}" + ("" if r["measured"] else "   (not measured: --naive-max-zoom)")
+            )
+    return lines
+
+
 def format_report(result: dict) -> str:
     lines = [f"device: {result['device']}; timing: {result['timing']}",
              f"peak memory: {result['memory']}; repeats {result['repeats']} (median), warm-up {result['warmup']} "
-             f"excluded; decode: median of {result['decode_steps']} greedy steps",
+             f"excluded; decode: median of {result['decode_steps']} greedy steps"
+             + (f" (raised from --decode-steps {result['decode_steps_requested']} so that A-VL decoding passes a "
+                "refresh step; the same for rows without A-VL)"
+                if result["decode_steps"] != result["decode_steps_requested"] else ""),
              "FLOPs: analytic, image to first token (vision + projector + LLM prefill + HR projections/attention)"]
+    if result.get("avl"):
+        a = result["avl"]
+        lines.append(
+            f"A-VL: vision_evict_rate {a['vision_evict_rate']:g}, compute_skip_rate {a['compute_skip_rate']:g}, "
+            f"refresh_every {a['refresh_every']}, text_evict_rate {a['text_evict_rate']:g}, selection scored over "
+            f"the {a['selection_scores']} visual tokens; A-VL rows: {result['avl_repeats']} repeat(s), "
+            f"{result['avl_warmup']} warm-up of their own (each runs right after the same mode without A-VL)")
     unit = "s" if "CUDA" in result["timing"] else "s CPU"
     for m in result["models"]:
         lines += ["", f"== {m['name']} ({m['dtype']}): {m['description']} =="]
@@ -799,37 +1083,14 @@ def format_report(result: dict) -> str:
                          f"{info['share_requested']:g}), centre {tuple(info['center'])}, touches {info['crops_touched']}"
                          f" of {int(zoom) ** 2} crops (any placement: {info['crops_touched_any_placement'][0]}-"
                          f"{info['crops_touched_any_placement'][1]})")
-        for group in (g for g in result["groups"] if g["model"] == m["name"]):
-            rows = [r for r in result["runs"]
-                    if (r["model"], r["zoom"], r["avl"]) == (m["name"], group["zoom"], group["avl"])]
-            side = m["lowres_size"] * group["zoom"]
-            lines += ["", f"zoom {group['zoom']} (HR {side} px, {rows[0]['hr_tokens']} HR tokens), "
-                          f"A-VL {'on' if group['avl'] else 'off'}"]
-            scale = max(r["flops"]["total"] for r in rows)
-            scale, unit_f = next((x for x in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")) if scale >= x[0]),
-                                 (1.0, "FLOPs"))
-            lines.append(f"FLOPs in {unit_f}" + (" (full-depth model)" if m["flops_llm_layers"] !=
-                                                  m["measured_llm_layers"] else ""))
-            header = (f"{'mode':<11}{'LLM tok':>8}{'crops':>6}{'HR att':>7} | {'vision':>7}{'proj':>7}{'LLM':>8}"
-                      f"{'HR':>7}{'total':>8}{'/naive':>7}{'/lowres':>8} | {'prefill ' + unit:>12}{'/naive':>7}"
-                      f"{'/lowres':>8}{'1st tok':>8}{'/naive':>7} | {'dec ms/t':>9}{'peak MiB':>9}{'KV MiB':>8}")
-            lines += [header, "-" * len(header)]
-            for r in rows:
-                f = {k: v / scale for k, v in r["flops"].items()}
-                q = group["ratios"][r["mode"]]
-                lines.append(
-                    f"{r['mode']:<11}{r['llm_tokens']:>8}{r['hr_crops_encoded']:>6}{r['hr_attended_mean']:>7.0f} | "
-                    f"{f['vision']:>7.2f}{f['projector']:>7.3f}{f['llm']:>8.2f}{f['hr_attention']:>7.3f}"
-                    f"{f['total']:>8.2f}{_fmt(q['flops_vs_naive_hd'], '.3f'):>7}{_fmt(q['flops_vs_lowres'], '.2f'):>8} | "
-                    f"{_fmt(r['prefill_s'], '.3f'):>12}{_fmt(q['prefill_time_vs_naive_hd'], '.3f'):>7}"
-                    f"{_fmt(q['prefill_time_vs_lowres'], '.2f'):>8}{_fmt(r['first_token_s'], '.2f'):>8}"
-                    f"{_fmt(q['first_token_time_vs_naive_hd'], '.3f'):>7} | "
-                    f"{_fmt(r['decode_ms_per_token'], '.1f'):>9}"
-                    f"{_fmt(None if r['peak_memory_bytes'] is None else r['peak_memory_bytes'] / 2**20, '.0f'):>9}"
-                    f"{_fmt(None if r['kv_cache_bytes'] is None else r['kv_cache_bytes'] / 2**20, '.1f'):>8}"
-                    + ("" if r["measured"] else "   (not measured: --naive-max-zoom)")
-                )
-            for fu in (x for x in result["followup"] if (x["model"], x["zoom"]) == (m["name"], group["zoom"])):
+        zooms = sorted({g["zoom"] for g in result["groups"] if g["model"] == m["name"]})
+        for zoom in zooms:
+            for group in (g for g in result["groups"] if (g["model"], g["zoom"]) == (m["name"], zoom)):
+                rows = [r for r in result["runs"]
+                        if (r["model"], r["zoom"], r["avl"]) == (m["name"], zoom, group["avl"])]
+                lines += _prefill_table(result, m, group, rows, unit)
+            lines += _decode_table(result, m, zoom)
+            for fu in (x for x in result["followup"] if (x["model"], x["zoom"]) == (m["name"], zoom)):
                 lines.append(
                     f"follow-up question ({fu['mode']}; end to end, to the first answer token): cold first "
                     f"{fu['first_s']:.3f} s, follow-up {fu['followup_s']:.3f} s (features cached, "
@@ -837,7 +1098,7 @@ def format_report(result: dict) -> str:
                     f"{fu['followup_speedup']:.1f}x faster; whole {fu['max_new_tokens']}-token answers: "
                     f"{fu['first_full_s']:.3f} s vs {fu['followup_full_s']:.3f} s -> "
                     f"{fu['followup_speedup_full_answer']:.1f}x")
-            for lz in (x for x in result["lazy_hr"] if (x["model"], x["zoom"]) == (m["name"], group["zoom"])):
+            for lz in (x for x in result["lazy_hr"] if (x["model"], x["zoom"]) == (m["name"], zoom)):
                 vis_l = statistics.mean(s["vision_s_lazy"] for s in lz["per_sample"])
                 vis_e = statistics.mean(s["vision_s_eager"] for s in lz["per_sample"])
                 lines.append(
@@ -847,12 +1108,21 @@ def format_report(result: dict) -> str:
                     f"vs {vis_e:.3f} s eager")
     main = result["main"]
     note = "" if result.get("targets_apply") else "; the targets are set for 7b-shaped: here for reference only"
-    lines += ["", f"targets ({main['model']}, zoom {main['zoom']}{note}):"]
+    lines += ["", f"targets ({main['model']}, zoom {main['zoom']}, A-VL {'on' if main['avl'] else 'off'}{note}):"]
     for name, t in result["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         value = t["value"]
         shown = _fmt(value, ".3f") if isinstance(value, float) else str(value)
         lines.append(f"  {name:<32} {shown:>8}  (target {t['target']}): {verdict}")
+    if result.get("avl_ratios"):
+        lines += ["", f"A-VL over no A-VL ({main['model']}, zoom {main['zoom']}):"]
+        for mode, q in result["avl_ratios"].items():
+            lines.append(
+                f"  {mode:<11} KV bytes {_fmt(q['kv_ratio'], '.3f')} "
+                f"(after prefill {_fmt(q['kv_ratio_after_prefill'], '.3f')}), decode time "
+                f"{_fmt(q['decode_time_ratio'], '.3f')} (median; mean {_fmt(q['decode_time_ratio_mean'], '.3f')})"
+                f", decode FLOPs {_fmt(q['decode_flops_ratio'], '.3f')}, visual tokens attended "
+                f"{_fmt(q['visual_attended_ratio'], '.3f')}")
     lines.append(f"elapsed: {result['elapsed_s']:.0f} s")
     return "\n".join(lines)
 
@@ -862,9 +1132,9 @@ def write_chart(result: dict, path: str | Path) -> Path:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
         "analytic TFLOPs, image to first token", "measured prefill time (s)" +
-        ("" if "CUDA" in result["timing"] else ", CPU wall-clock")))
+        ("" if "CUDA" in result["timing"] else ", CPU wall-clock"), "analytic decoding GFLOPs per token"))
     sizes = {m["name"]: m["lowres_size"] for m in result["models"]}
     several = len(result["models"]) > 1
     for m in result["models"]:
@@ -877,11 +1147,18 @@ def write_chart(result: dict, path: str | Path) -> Path:
                 name = (f"{m['name']} " if several else "") + mode + (" +A-VL" if avl else "")
                 x = [sizes[m["name"]] * r["zoom"] for r in rows]
                 text = [f"zoom {r['zoom']}" for r in rows]
-                fig.add_trace(go.Scatter(x=x, y=[r["flops"]["total"] / 1e12 for r in rows], mode="lines+markers",
-                                         name=name, legendgroup=name, text=text), row=1, col=1)
+                dash = "dash" if avl else None
+                fig.add_trace(go.Scatter(x=x, y=[(r["flops"] or {}).get("total", float("nan")) / 1e12 for r in rows],
+                                         mode="lines+markers", name=name, legendgroup=name, text=text,
+                                         line={"dash": dash}), row=1, col=1)
                 fig.add_trace(go.Scatter(x=x, y=[r["prefill_s"] for r in rows], mode="lines+markers", name=name,
-                                         legendgroup=name, showlegend=False, text=text), row=1, col=2)
-    for col in (1, 2):
+                                         legendgroup=name, showlegend=False, text=text, line={"dash": dash}),
+                              row=1, col=2)
+                decode = [float("nan") if r["decode_flops_per_token"] is None else r["decode_flops_per_token"] / 1e9
+                          for r in rows]
+                fig.add_trace(go.Scatter(x=x, y=decode, mode="lines+markers", name=name, legendgroup=name,
+                                         showlegend=False, text=text, line={"dash": dash}), row=1, col=3)
+    for col in (1, 2, 3):
         fig.update_xaxes(title_text="HR side (px)", row=1, col=col)
         fig.update_yaxes(type="log", row=1, col=col)
     main = result["main"]

@@ -71,12 +71,24 @@ def cmd_bench(args) -> int:
         raise ValueError("--depth-divisor must divide both depths (32 LLM and 24 tower layers): 1, 2, 4 or 8")
     if args.repeats < 1 or args.warmup < 0 or args.decode_steps < 0 or not 1 <= args.followup_tokens <= 512:
         raise ValueError("--repeats >= 1, --warmup >= 0, --decode-steps >= 0 and --followup-tokens in 1..512")
+    if args.avl_repeats < 1 or args.avl_warmup < 0:
+        raise ValueError("--avl-repeats >= 1 and --avl-warmup >= 0")
+    variants = {"off": (False,), "on": (True,), "both": (False, True)}[args.avl]
+    avl = None
+    if args.avl != "off":
+        from .avl import AVLSettings
+
+        avl = AVLSettings(vision_evict_rate=args.vision_evict_rate, compute_skip_rate=args.compute_skip_rate,
+                          text_evict_rate=args.text_evict_rate, refresh_every=args.refresh_every,
+                          selection_scores=args.avl_selection)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     models = bench.build_models(names, depth_divisor=args.depth_divisor, planted_share=args.planted_share,
                                 planted_center=center, device=args.device, dtype=dtype,
                                 lazy_samples=args.lazy_samples)
     result = bench.run(models, zooms, repeats=args.repeats, warmup=args.warmup, decode_steps=args.decode_steps,
-                       followup_tokens=args.followup_tokens, modes=modes, naive_max_zoom=args.naive_max_zoom)
+                       followup_tokens=args.followup_tokens, modes=modes, naive_max_zoom=args.naive_max_zoom,
+                       avl_variants=variants, avl_settings=avl, avl_repeats=args.avl_repeats,
+                       avl_warmup=args.avl_warmup)
     if args.html:
         path = bench.write_chart(result, args.html)
         print(f"chart: {path}", file=sys.stderr)
@@ -123,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--followup-tokens", type=int, default=4, help="max_new_tokens of the follow-up case")
     bench.add_argument("--naive-max-zoom", type=int, default=None,
                        help="time naive_hd only up to this zoom (its FLOPs are reported at every zoom)")
+    bench.add_argument("--avl", default="both", choices=["off", "on", "both"],
+                       help="run every mode without A-VL, with it, or both (default both; with A-VL rows, decoding "
+                            "runs at least 6 steps, past a refresh step)")
+    bench.add_argument("--avl-repeats", type=int, default=1,
+                       help="timed calls per A-VL row (default 1: A-VL changes decoding, timed after the last call)")
+    bench.add_argument("--avl-warmup", type=int, default=0,
+                       help="untimed calls per A-VL row (default 0: it runs right after the same mode without A-VL)")
+    bench.add_argument("--avl-selection", default="secondary", choices=["secondary", "attended"],
+                       help="A-VL: score FlexAttention's selection over all cached visual tokens or the attended core")
+    for name, default in (("vision-evict-rate", 0.5), ("compute-skip-rate", 0.7), ("text-evict-rate", 0.4)):
+        bench.add_argument(f"--{name}", type=float, default=default, help="A-VL rate")
+    bench.add_argument("--refresh-every", type=int, default=3, help="A-VL refresh period (steps)")
     bench.add_argument("--lazy-samples", type=int, default=4, help="benchmark images for the lazy-HR check "
                                                                    "(trained models)")
     bench.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
