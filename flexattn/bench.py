@@ -403,6 +403,7 @@ class ColdCall:
     decode_s: list[float]
     decoded: list[int]
     attended_passes: list[list[int]] = field(default_factory=list)  # [pass][layer], pass 0 the prefill
+    projected_passes: list[list[int]] = field(default_factory=list)  # [pass][layer] HR keys/values projected
     kv_cache_bytes_end: int | None = None  # after the last decoding step
     image_tokens: int = 0  # visual tokens in the LLM's prompt (LR; naive_hd: LR + HR)
     avl: AVLCache | None = None  # the A-VL cache of the call (its keys_scored, visual_attended, bytes)
@@ -480,8 +481,10 @@ def cold_call(bm: BenchModel, mode: str, zoom: int, clock: Clock, planted=None, 
         lazy_s = sum(clock.seconds(a, b) for a, b in encode_spans[prepare_spans:])
         if state is not None and state.pass_index >= 0:
             attended_passes = state.hr_attended(n_layers)
+            projected_passes = state.hr_projected(n_layers)
         else:
             attended_passes = [[0] * n_layers for _ in range(1 + len(decoded))]
+            projected_passes = attended_passes
         crops = prepared.hr.crops_encoded if mode != "lowres" else 0
         hr_bytes = crops * prepared.lr_grid**2 * model.config.text_config.hidden_size * model.dtype.itemsize
         return ColdCall(
@@ -498,6 +501,7 @@ def cold_call(bm: BenchModel, mode: str, zoom: int, clock: Clock, planted=None, 
             decode_s=[clock.seconds(a, b) for a, b in decode_s],
             decoded=decoded,
             attended_passes=attended_passes,
+            projected_passes=projected_passes,
             kv_cache_bytes_end=cache_bytes(cache),
             image_tokens=image_tokens,
             avl=cache if avl is not None else None,
@@ -548,13 +552,14 @@ def _full_depth_avl_keys(bm: BenchModel, keys_scored) -> list[list[tuple[int, in
 
 def analytic_flops(bm: BenchModel, mode: str, zoom: int, prompt_len: int, attended: list[int],
                    crops: int | None, decode_passes: Sequence[Sequence[int]] | None = None,
-                   avl_keys=None) -> tuple[dict, dict | None]:
+                   avl_keys=None, projected: Sequence[Sequence[int]] | None = None) -> tuple[dict, dict | None]:
     """(FLOPs image to first token per part, decoding FLOPs per token per part) for the cost model's config.
 
     attended: the prefill's HR counts per layer (measured depth); decode_passes: the same for each measured
     decoding step (default: one step with the prefill's counts); avl_keys: an A-VL call's keys_scored[pass][layer]
-    (every pass, the prefill first). Decoding FLOPs are the mean over the decoding steps; None for an A-VL call
-    that decoded nothing.
+    (every pass, the prefill first); projected: HR tokens whose keys/values each pass projected (flexattn
+    projects them once per image; default: every attended token in every pass). Decoding FLOPs are the mean over
+    the decoding steps; None for an A-VL call that decoded nothing.
     """
     if decode_passes is None or not len(decode_passes):
         if avl_keys is not None and len(avl_keys) > 1:
@@ -564,13 +569,20 @@ def analytic_flops(bm: BenchModel, mode: str, zoom: int, prompt_len: int, attend
     passes = [attended, *decode_passes]
     counts = [_full_depth_counts(bm, c) for c in passes] if mode == "flex" else None
     keys = _full_depth_avl_keys(bm, avl_keys[: len(passes)]) if avl_keys is not None else None
+    proj = None
+    if projected is not None and mode in ("flex", "select_all"):
+        proj = [_full_depth_counts(bm, p) for p in projected[: len(passes)]]
+        if mode == "select_all":  # the cost model fills in select_all's counts; scale the projected ones the same way
+            hr_tokens = ((bm.cost_config.vision_config.image_size // bm.cost_config.vision_config.patch_size) * zoom) ** 2
+            proj = [[hr_tokens if c else 0 for c in p] for p in proj]
     args = dict(selection_layer=bm.cost_selection_layer, zoom=zoom, hr_crops=crops if mode == "flex" else None)
     first = cost.call_flops(bm.cost_config, mode, prompt_len, 1, counts[:1] if counts else None,
-                            avl_keys=keys[:1] if keys else None, **args)
+                            avl_keys=keys[:1] if keys else None, hr_projected=proj[:1] if proj else None, **args)
     steps = len(passes) - 1
     if not steps:
         return first, None
-    total = cost.call_flops(bm.cost_config, mode, prompt_len, len(passes), counts, avl_keys=keys, **args)
+    total = cost.call_flops(bm.cost_config, mode, prompt_len, len(passes), counts, avl_keys=keys, hr_projected=proj,
+                            **args)
     decode = {k: round((total[k] - first[k]) / steps) for k in ("llm", "hr_attention", "avl_scoring", "total")
               if k in total}
     return first, decode
@@ -628,6 +640,7 @@ def measure_mode(bm: BenchModel, mode: str, zoom: int, clock: Clock, *, repeats:
         prompt_len, attended, crops = ref.prompt_len, ref.attended, ref.crops
         llm_tokens, image_tokens = ref.llm_tokens, ref.image_tokens
         decode_passes = ref.attended_passes[1:]
+        projected = ref.projected_passes
         avl_keys = ref.avl.keys_scored if ref.avl is not None else None
     else:  # naive_hd beyond --naive-max-zoom: analytic figures only
         prepared = bm.vlm.prepare(bm.image, highres=False, zoom=zoom)
@@ -636,11 +649,12 @@ def measure_mode(bm: BenchModel, mode: str, zoom: int, clock: Clock, *, repeats:
         G = prepared.lr_grid * zoom
         attended, crops = [], zoom * zoom
         llm_tokens, image_tokens = prompt_len + G * G, prepared.lr_grid**2 + G * G
-        decode_passes = avl_keys = None
+        decode_passes = avl_keys = projected = None
     if avl is not None and avl_keys is None:  # A-VL's keys come from a run: no analytic A-VL figures
         flops, decode = None, None
     else:
-        flops, decode = analytic_flops(bm, mode, zoom, prompt_len, attended, crops, decode_passes, avl_keys)
+        flops, decode = analytic_flops(bm, mode, zoom, prompt_len, attended, crops, decode_passes, avl_keys,
+                                       projected)
     v = bm.vlm.model.config.vision_config
     g = v.image_size // v.patch_size
     s_run = bm.vlm.settings.selection_layer
