@@ -151,8 +151,9 @@ class FlexState:
         return torch.full((batch, 1), q_len - 1, dtype=torch.long, device=device)
 
     def needs_rows(self, layer: int) -> bool:
-        selecting = self.mode != "lowres" and layer >= self.settings.selection_layer
-        return selecting or self.recorder is not None or self.avl is not None
+        from_selection_layer = layer >= self.settings.selection_layer
+        selecting = self.mode != "lowres" and from_selection_layer
+        return selecting or (self.keep_lr_maps and from_selection_layer) or self.recorder is not None or self.avl is not None
 
     def hr_attended(self, num_layers: int) -> list[list[int]]:
         """HR tokens the last query row attended, per pass and layer (batch row 0); 0 where none."""
@@ -287,9 +288,9 @@ def flex_attention_forward(
 
     if state.recorder is not None:
         state.recorder.record(state, layer, lr_map, hr_probs)
+    if state.keep_lr_maps and layer >= settings.selection_layer:  # (any mode: lowres training can use them too)
+        state.lr_maps.append((layer, lr_map))
     if state.mode != "lowres" and layer >= settings.selection_layer:
-        if state.keep_lr_maps:
-            state.lr_maps.append((layer, lr_map))
         with torch.no_grad():
             state.hr_mask = state.select(lr_map.detach().float())  # for the next layer of this pass
         if state.recorder is not None:
