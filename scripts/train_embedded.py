@@ -8,9 +8,18 @@ heads on hidden_states[-2] (CLS dropped, LLaVA's select layer -2):
     covering it. No letter target at LR: letters are not legible there.
 Pixels come from flexattn.image.make_views, exactly as at inference.
 
+Stage 2: tower frozen; its select-layer features (LR view + stitched 24x24 HR grid) cached once (`cache`);
+alignment of projector + LLM on LR-answerable control questions in lowres mode (`align`).
+Stage 3: FlexAttention tuning (`flex`) on all families + control questions through flexattn.training
+(teacher forcing == cached decoding), k/v_proj_hd from k/v_proj, aux attention loss, some select_all batches;
+the threshold is chosen on tuning images (seeds TUNE_SEED+), never on the reported held-out ones.
+
 Seeds: training images use seeds below HELDOUT_SEED; held-out evaluation uses seeds >= HELDOUT_SEED.
+On a CPU shared with other jobs, TRAIN_THREADS=1 is several times faster than 2 threads.
 
     python scripts/train_embedded.py stage1 --out build/stage1_tower --steps 500
+    python scripts/train_embedded.py all --reuse-tower --out assets/flexattn-tiny
+    python scripts/train_embedded.py report --model assets/flexattn-tiny
 """
 
 from __future__ import annotations
@@ -233,7 +242,7 @@ def stage1_tower(
 ) -> dict[str, float]:
     """Pretrain the vision tower with dense per-patch heads; save it and return held-out accuracies."""
     t0 = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -330,41 +339,749 @@ def stage1_tower(
     return metrics
 
 
+# ============================================================================================================
+# Stages 2 and 3: the LLaVA model around the frozen tower, trained on cached tower features.
+
+TEXT_LAYERS = 6
+SELECTION_LAYER = 2
+DEFAULT_THRESHOLD = 96.0
+POOL_SIZE = LR_GRID  # identity pooling: each LR cell -> one zoom x zoom HR block
+TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_layers=TEXT_LAYERS, num_heads=4)
+TUNE_SEED = HELDOUT_SEED + 500_000  # threshold tuning images; reported numbers use seeds from HELDOUT_SEED
+STAGE2_SEED_BLOCK = 500_000  # feature-cache training images: seed * 1_000_000 + this + i (stage 1 used + 0 ...)
+
+# Question kinds built from an image's shapes. The first four are the benchmark's; "ctl_*" are control
+# questions answerable from the LR view (colour / shape / position of a shape), in the same vocabulary.
+TASK_KINDS = ("letter_of", "colour_of", "spatial", "reading", "ctl_colour", "ctl_shape", "ctl_spatial")
+STAGE2_MIX = {"ctl_colour": 0.4, "ctl_shape": 0.3, "ctl_spatial": 0.3}
+# Stage 3 starts on the simplest HR question (one letter on a shape LR can locate) before the full mix.
+STAGE3_WARM_MIX = {"letter_of": 0.6, "ctl_colour": 0.15, "ctl_shape": 0.1, "ctl_spatial": 0.15}
+STAGE3_MIX = {"letter_of": 0.15, "colour_of": 0.15, "spatial": 0.15, "reading": 0.25,
+              "ctl_colour": 0.1, "ctl_shape": 0.1, "ctl_spatial": 0.1}
+
+
+def flex_settings(threshold: float = DEFAULT_THRESHOLD):
+    from flexattn.settings import FlexSettings
+
+    return FlexSettings(lowres_size=LR_SIZE, zoom=ZOOM, selection_layer=SELECTION_LAYER, threshold=float(threshold),
+                        pool_size=POOL_SIZE)
+
+
+def make_model(tokenizer, threshold: float = DEFAULT_THRESHOLD):
+    from flexattn.modeling import FlexLlavaForConditionalGeneration
+    from flexattn.presets import llava_config
+
+    config = llava_config(
+        vocab_size=len(tokenizer), **TEXT_CONFIG,
+        vision_hidden=TOWER_CONFIG["hidden_size"], vision_intermediate=TOWER_CONFIG["intermediate_size"],
+        vision_layers=TOWER_CONFIG["num_hidden_layers"], vision_heads=TOWER_CONFIG["num_attention_heads"],
+        image_size=LR_SIZE, patch_size=14, flex=flex_settings(threshold),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), max_position_embeddings=512,
+    )
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    model = FlexLlavaForConditionalGeneration(config)
+    model.set_attn_implementation({"text_config": "flexattn", "vision_config": "sdpa"})
+    return model
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- feature cache ---------------------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of the generator, seeds start + i, families round-robin; returns pixels + shape metadata."""
+
+    def __init__(self, start: int, n: int, grid_aligned: bool, training: bool):
+        self.start, self.n, self.grid_aligned, self.training = start, n, grid_aligned, training
+        self.processor = None
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        torch.set_num_threads(1)
+        if self.processor is None:
+            self.processor = make_processor()
+        seed = self.start + i
+        if self.training and seed >= HELDOUT_SEED:
+            raise RuntimeError("training images ran into held-out seeds")
+        family = FAMILIES[i % len(FAMILIES)]
+        s = make_sample(seed, family, self.grid_aligned)
+        views = make_views(s.image, self.processor, LR_SIZE, ZOOM)
+        meta = {
+            "seed": seed, "family": family, "question": s.question, "answer": s.answer, "kind": s.kind,
+            "targets": list(s.targets),
+            "shapes": [{"kind": sh.kind, "colour": sh.colour, "letter": sh.letter, "centre": list(sh.centre),
+                        "box": list(sh.box)} for sh in s.shapes],
+        }
+        return torch.cat([views.lowres, views.highres_crops]), meta
+
+
+@torch.no_grad()
+def cache_features(tower, start: int, n: int, grid_aligned: bool, training: bool, workers: int = 1,
+                   batch_images: int = 16, desc: str = "cache", max_minutes: float | None = None) -> dict:
+    """Pre-projector tower features (fp16) of the LR view (N, 64, D) and the stitched HR grid (N, 576, D)."""
+    from flexattn.image import stitch_grids
+
+    tower.eval()
+    ds = ImageDataset(start, n, grid_aligned, training)
+    loader = DataLoader(ds, batch_size=batch_images, num_workers=workers, collate_fn=lambda b: b,
+                        prefetch_factor=4 if workers > 0 else None)
+    lr_all, hr_all, metas = [], [], []
+    t0 = time.time()
+    for batch in tqdm(loader, desc=desc, dynamic_ncols=True):
+        pixels = torch.stack([p for p, _ in batch])  # (B, 10, 3, L, L)
+        b = pixels.shape[0]
+        feats = tower_features(tower, pixels.flatten(0, 1)).reshape(b, 1 + ZOOM * ZOOM, LR_GRID * LR_GRID, -1)
+        lr_all.append(feats[:, 0].half())
+        hr_all.append(torch.stack([stitch_grids(f[1:], ZOOM) for f in feats]).half())
+        metas.extend(m for _, m in batch)
+        if max_minutes is not None and time.time() - t0 > max_minutes * 60:
+            tqdm.write(f"{desc}: time limit reached after {len(metas)} images")
+            break
+    return {"lr": torch.cat(lr_all), "hr": torch.cat(hr_all), "meta": metas, "grid_aligned": grid_aligned,
+            "seconds": time.time() - t0}
+
+
+def load_tower(path: str | Path):
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel.from_pretrained(str(path))
+    tower.requires_grad_(False)
+    return tower.eval()
+
+
+# ---- questions -------------------------------------------------------------------------------------------
+
+
+def _clearly_left(a: dict, b: dict) -> bool:
+    """a is clearly left of b, by the generator's rule for spatial questions."""
+    return b["centre"][0] - a["centre"][0] >= 48 and a["box"][2] <= b["box"][0]
+
+
+def make_question(meta: dict, kind: str, rng: random.Random):
+    """(question, answer, per-answer-token target boxes) for a kind, or None if the image does not allow it.
+
+    Target boxes per answer token: the shape(s) the token needs (the EOS row gets the last token's)."""
+    shapes = meta["shapes"]
+    n = len(shapes)
+    if kind == "letter_of":
+        s = shapes[rng.randrange(n)]
+        return f"what letter is on the {s['colour']} {s['kind']} ?", s["letter"], [[s["box"]]]
+    if kind == "colour_of":
+        s = shapes[rng.randrange(n)]
+        return f"what colour is the shape marked {s['letter']} ?", s["colour"], [[s["box"]]]
+    if kind in ("spatial", "ctl_spatial"):
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j and _clearly_left(shapes[i], shapes[j])]
+        if not pairs:
+            return None
+        left, right = pairs[rng.randrange(len(pairs))]
+        side = rng.choice(SPATIAL_ANSWERS_)
+        a, b = (shapes[left], shapes[right]) if side == "left" else (shapes[right], shapes[left])
+        if kind == "spatial":
+            q = f"is the {a['letter']} left or right of the {b['letter']} ?"
+        else:
+            q = f"is the {a['colour']} {a['kind']} left or right of the {b['colour']} {b['kind']} ?"
+        return q, side, [[a["box"], b["box"]]]
+    if kind == "reading":
+        if meta["family"] != "reading":
+            return None  # only reading images keep shapes apart horizontally
+        order = sorted(range(n), key=lambda i: shapes[i]["centre"][0])
+        return ("read the letters on the shapes from left to right .",
+                " ".join(shapes[i]["letter"] for i in order), [[shapes[i]["box"]] for i in order])
+    if kind == "ctl_colour":
+        kinds = [s["kind"] for s in shapes]
+        unique = [s for s in shapes if kinds.count(s["kind"]) == 1]
+        if not unique:
+            return None
+        s = unique[rng.randrange(len(unique))]
+        return f"what colour is the {s['kind']} ?", s["colour"], [[s["box"]]]
+    if kind == "ctl_shape":
+        colours = [s["colour"] for s in shapes]
+        unique = [s for s in shapes if colours.count(s["colour"]) == 1]
+        if not unique:
+            return None
+        s = unique[rng.randrange(len(unique))]
+        return f"what shape is the {s['colour']} shape ?", s["kind"], [[s["box"]]]
+    raise ValueError(kind)
+
+
+SPATIAL_ANSWERS_ = ("left", "right")
+
+
+def sample_question(meta: dict, mix: dict[str, float], rng: random.Random):
+    kinds, weights = zip(*mix.items())
+    for _ in range(20):
+        got = make_question(meta, rng.choices(kinds, weights)[0], rng)
+        if got is not None:
+            return got
+    return make_question(meta, "letter_of", rng)
+
+
+def own_question(meta: dict):
+    """The generator's own question for a (held-out) image, with its target boxes per answer token."""
+    shapes = meta["shapes"]
+    boxes = [shapes[i]["box"] for i in meta["targets"]]
+    if meta["kind"] == "reading":
+        return meta["question"], meta["answer"], [[b] for b in boxes]
+    return meta["question"], meta["answer"], [boxes]
+
+
+def _row_targets(target_boxes, n_answer_tokens: int):
+    from flexattn.training import box_cells
+
+    from flexattn.synthetic import HR_SIZE
+
+    cells = []
+    for boxes in target_boxes:
+        c = torch.zeros(LR_GRID, LR_GRID, dtype=torch.bool)
+        for box in boxes:
+            c |= box_cells(box, (HR_SIZE, HR_SIZE), LR_GRID)
+        cells.append(c)
+    cells = cells + [cells[-1]] * (n_answer_tokens + 1 - len(cells))  # EOS row (and any extra) -> last target
+    return cells[: n_answer_tokens + 1]
+
+
+def make_batch(tokenizer, items):
+    """items: (question, answer, target_boxes) -> training.Batch with per-row target cells."""
+    from flexattn.training import collate
+
+    examples = [(q, a) for q, a, _ in items]
+    targets = [_row_targets(t, len(a.split())) for _, a, t in items]
+    return collate(tokenizer, examples, LR_GRID, row_targets=targets)
+
+
+# ---- training loop ---------------------------------------------------------------------------------------
+
+
+def project(model, feats: torch.Tensor) -> torch.Tensor:
+    return model.model.multi_modal_projector(feats.float())
+
+
+def train_loop(model, tokenizer, cache, *, stage: str, steps: int, batch_size: int, lr: float, mix: dict,
+               modes: dict[str, float], aux_weight: float, seed: int, max_minutes: float | None, params,
+               warmup: int = 50, eval_fn=None, eval_every: int = 0, checkpoint=None, warm_mix=None,
+               warm_steps: int = 0):
+    from flexattn.training import forward_loss
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.95 + 0.05
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    settings = model.flex_settings
+    n_images = cache["lr"].shape[0]
+    mode_names, mode_weights = zip(*modes.items())
+    t0 = time.time()
+    model.train()
+    bar = tqdm(total=steps, desc=stage, dynamic_ncols=True)
+    ema: dict[str, float] = {}
+    done = 0
+    for step in range(steps):
+        idx = [rng.randrange(n_images) for _ in range(batch_size)]
+        step_mix = warm_mix if warm_mix is not None and step < warm_steps else mix
+        items = [sample_question(cache["meta"][i], step_mix, rng) for i in idx]
+        batch = make_batch(tokenizer, items)
+        mode = rng.choices(mode_names, mode_weights)[0]
+        lr_feats = project(model, cache["lr"][idx])
+        hr_feats = project(model, cache["hr"][idx]) if mode != "lowres" else None
+        loss, stats = forward_loss(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * batch_size,
+                                   mode=mode, aux_weight=aux_weight if mode != "lowres" else 0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        done = step + 1
+        for k, v in stats.items():
+            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
+        if eval_fn is not None and eval_every and done % eval_every == 0 and done < steps:
+            tqdm.write(f"{stage} step {done} ({(time.time() - t0) / 60:.1f} min): {eval_fn()}")
+            model.train()
+            if checkpoint is not None:
+                checkpoint()
+        if max_minutes is not None and time.time() - t0 > max_minutes * 60:
+            tqdm.write(f"{stage}: time limit reached after {done} steps")
+            break
+    bar.close()
+    model.eval()
+    return done, time.time() - t0
+
+
+# ---- fast held-out evaluation (teacher forcing == greedy decoding) ----------------------------------------
+
+
+class ShiftedState:
+    """Wraps FlexState.select so every mask is displaced by `shift` HR cells to the right (wrapping)."""
+
+    def __init__(self, shift: int):
+        self.shift = shift
+
+    def __call__(self, state):
+        original = state.select
+        G = state.hr_grid
+
+        def select(lr_map):
+            m = original(lr_map)
+            b, r, _ = m.shape
+            return m.reshape(b, r, G, G).roll(self.shift, dims=3).reshape(b, r, G * G)
+
+        state.select = select
+        return state
+
+
+@torch.no_grad()
+def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch_size: int = 50,
+                        shift: int = 0, limit: int | None = None) -> dict:
+    """Exact-match accuracy (every answer row's argmax right, EOS included == greedy decoding's exact match),
+    mean share of HR tokens attended (layers > S, every answer row), selection recall of the target boxes' HR
+    tokens at the last selecting layer; overall and per family."""
+    from flexattn.attention import FlexState
+    from flexattn.training import IGNORE
+
+    settings = settings or model.flex_settings
+    model.eval()
+    G = LR_GRID * ZOOM
+    L = model.config.text_config.num_hidden_layers
+    n = cache["lr"].shape[0] if limit is None else min(limit, cache["lr"].shape[0])
+    per: dict[str, list] = {}
+    for j in range(0, n, batch_size):
+        idx = list(range(j, min(n, j + batch_size)))
+        items = [own_question(cache["meta"][i]) for i in idx]
+        batch = make_batch(tokenizer, items)
+        lr_feats = project(model, cache["lr"][idx])
+        hr_feats = project(model, cache["hr"][idx]) if mode != "lowres" else None
+        start = batch.image_start
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        embeds = torch.cat([embeds[:, :start], lr_feats, embeds[:, start + LR_GRID**2 :]], 1)
+        cos = sin = None
+        if mode != "lowres":
+            cos, sin = model.hr_rotary_tables(start, LR_GRID, G)
+        state = FlexState(mode=mode, settings=settings, image_start=start, lr_grid=LR_GRID, hr_features=hr_feats,
+                          hr_cos=cos, hr_sin=sin, original_sizes=[(336, 336)] * len(idx), rows=batch.rows,
+                          row_valid=batch.row_valid, keep_lr_maps=mode != "lowres")
+        if shift:
+            ShiftedState(shift)(state)
+        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, flex_state=state).logits
+        pred = logits[:, :-1].argmax(-1)
+        gold = batch.labels[:, 1:]
+        ok = ((pred == gold) | (gold == IGNORE)).all(1)
+        masks = {layer: state.select(m.float()) for layer, m in state.lr_maps} if mode != "lowres" else {}
+        for b, i in enumerate(idx):
+            fam = cache["meta"][i]["family"]
+            rec = per.setdefault(fam, [])
+            nrows = int(batch.row_valid[b].sum())
+            share = recall = float("nan")
+            if mode == "flex":
+                used = [masks[layer][b, :nrows].float().sum(-1) / (G * G) for layer in range(SELECTION_LAYER, L - 1)]
+                share = float(torch.stack(used).mean())
+                last = masks[L - 2][b, :nrows]  # the mask the last layer attends with
+                target_rows = _row_targets(items[b][2], nrows - 1)
+                hits = tot = 0.0
+                for r in range(nrows - 1):  # answer tokens (not EOS)
+                    t = _hr_target(items[b][2][min(r, len(items[b][2]) - 1)])
+                    hits += float((last[r] & t).sum())
+                    tot += float(t.sum())
+                del target_rows
+                recall = hits / max(tot, 1.0)
+            elif mode == "select_all":
+                share, recall = 1.0, 1.0
+            rec.append((bool(ok[b]), share, recall))
+    out = {"n": n}
+    allrec = [r for v in per.values() for r in v]
+    out.update(_summ(allrec))
+    out["families"] = {f: _summ(v) for f, v in sorted(per.items())}
+    return out
+
+
+def _hr_target(boxes) -> torch.Tensor:
+    """(G*G,) bool: HR tokens (14-px patches) a box touches."""
+    G = LR_GRID * ZOOM
+    t = torch.zeros(G, G, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        t[y0 // 14 : (y1 - 1) // 14 + 1, x0 // 14 : (x1 - 1) // 14 + 1] = True
+    return t.flatten()
+
+
+def _summ(recs) -> dict:
+    acc = sum(r[0] for r in recs) / max(1, len(recs))
+    shares = [r[1] for r in recs if r[1] == r[1]]
+    recalls = [r[2] for r in recs if r[2] == r[2]]
+    out = {"n": len(recs), "accuracy": acc}
+    if shares:
+        out["hr_share"] = sum(shares) / len(shares)
+        out["selection_recall"] = sum(recalls) / len(recalls)
+    return out
+
+
+def _line(m: dict) -> str:
+    parts = [f"acc {m['accuracy'] * 100:.1f}%"]
+    if "hr_share" in m:
+        parts.append(f"share {m['hr_share']:.3f} recall {m['selection_recall']:.3f}")
+    fams = " ".join(f"{f}={v['accuracy'] * 100:.0f}%" for f, v in m.get("families", {}).items())
+    return " ".join(parts) + (f" [{fams}]" if fams else "")
+
+
+# ---- stage drivers ---------------------------------------------------------------------------------------
+
+
+def stage2_cache(tower_dir: str | Path, out: str | Path, n_train: int, n_heldout: int, n_tune: int, seed: int,
+                 workers: int, max_minutes: float | None, grid_aligned: bool = True) -> None:
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
+    _seed_all(seed)
+    tower = load_tower(tower_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, start, n, training in (
+        ("heldout", HELDOUT_SEED, n_heldout, False),
+        ("tune", TUNE_SEED, n_tune, False),
+        ("train", seed * 1_000_000 + STAGE2_SEED_BLOCK, n_train, True),
+    ):
+        path = out / f"{name}.pt"
+        if path.exists():
+            print(f"{path} exists, kept")
+            continue
+        cache = cache_features(tower, start, n, grid_aligned, training, workers=workers, desc=f"cache {name}",
+                               max_minutes=max_minutes if training else None)
+        torch.save(cache, path)
+        print(f"cached {len(cache['meta'])} {name} images in {cache['seconds'] / 60:.2f} min -> {path}")
+
+
+def _load_cache(path):
+    return torch.load(path, weights_only=False)
+
+
+def _save_model(model, tokenizer, out: Path, info: dict | None = None) -> None:
+    from flexattn.synthetic import build_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    build_tokenizer(out)
+    make_processor().save_pretrained(str(out))
+    if info is not None:
+        (out / "training_info.json").write_text(json.dumps(info, indent=2))
+
+
+@torch.no_grad()
+def standardise_projector_input(model, cache, n_images: int = 500) -> None:
+    """Fold a per-channel standardisation of the tower features into the projector's first layer (its init).
+
+    The tower's select-layer features are dominated by one vector shared by every token (norm ~22 of ~23); the
+    image content is the small rest. Started from raw features, the LLM learned to ignore image content."""
+    x = torch.cat([cache["lr"][:n_images].flatten(0, 1), cache["hr"][: n_images // 10].flatten(0, 1)]).float()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-3)
+    lin = model.model.multi_modal_projector.linear_1
+    w = lin.weight / sd[None, :]
+    lin.bias.copy_(lin.bias - w @ mu)
+    lin.weight.copy_(w)
+
+
+def stage2_align(tower_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes) -> dict:
+    from flexattn.synthetic import build_tokenizer
+
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
+    _seed_all(seed)
+    tokenizer = build_tokenizer()
+    model = make_model(tokenizer)
+    tower = load_tower(tower_dir)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    train = _load_cache(Path(cache_dir) / "train.pt")
+    tune = _load_cache(Path(cache_dir) / "tune.pt")
+    standardise_projector_input(model, train)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n
+              and "_proj_hd" not in n]
+
+    def eval_fn():  # LR-answerable control questions on tuning images, lowres mode
+        return _control_eval(model, tokenizer, tune, seed)
+
+    done, secs = train_loop(model, tokenizer, train, stage="stage2 align", steps=steps, batch_size=batch_size,
+                            lr=lr, mix=STAGE2_MIX, modes={"lowres": 1.0}, aux_weight=0.0, seed=seed,
+                            max_minutes=max_minutes, params=params, eval_fn=eval_fn, eval_every=200)
+    acc = _control_eval(model, tokenizer, tune, seed)
+    print(f"stage2 align: {done} steps in {secs / 60:.2f} min; control questions (lowres, tune images): {acc}")
+    info = {"stage": "stage2_align", "steps": done, "batch_size": batch_size, "seconds": secs,
+            "train_images": len(train["meta"]), "control_accuracy": acc}
+    _save_model(model, tokenizer, Path(out), info)
+    return info
+
+
+@torch.no_grad()
+def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
+    from flexattn.training import IGNORE
+
+    rng = random.Random(seed + 99)
+    model.eval()
+    ok = tot = 0
+    for j in range(0, n, 50):
+        idx = list(range(j, min(n, j + 50, len(cache["meta"]))))
+        if not idx:
+            break
+        items = [sample_question(cache["meta"][i], STAGE2_MIX, rng) for i in idx]
+        batch = make_batch(tokenizer, items)
+        lr_feats = project(model, cache["lr"][idx])
+        s = batch.image_start
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        embeds = torch.cat([embeds[:, :s], lr_feats, embeds[:, s + LR_GRID**2 :]], 1)
+        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+        pred, gold = logits[:, :-1].argmax(-1), batch.labels[:, 1:]
+        ok += int(((pred == gold) | (gold == IGNORE)).all(1).sum())
+        tot += len(idx)
+    return round(ok / max(tot, 1), 4)
+
+
+def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
+                thresholds, warm_steps: int = 0) -> dict:
+    from flexattn.loading import load as load_model
+    from flexattn.synthetic import build_tokenizer
+
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
+    _seed_all(seed)
+    tokenizer = build_tokenizer()
+    model = load_model(str(init_dir), device="cpu", dtype=torch.float32).model
+    model.copy_hr_projections_from_lowres()
+    model.config.flex_attention = {**flex_settings().to_dict()}
+    model.model.vision_tower.requires_grad_(False)
+    train = _load_cache(Path(cache_dir) / "train.pt")
+    tune = _load_cache(Path(cache_dir) / "tune.pt")
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    for p in params:
+        p.requires_grad_(True)
+    out = Path(out)
+
+    def eval_fn():
+        f = teacher_forced_eval(model, tokenizer, tune, "flex", limit=150)
+        a = teacher_forced_eval(model, tokenizer, tune, "select_all", limit=150)
+        return f"flex {_line(f)} | select_all {a['accuracy'] * 100:.1f}%"
+
+    def checkpoint():
+        _save_model(model, tokenizer, out, {"stage": "stage3_flex (checkpoint)"})
+
+    done, secs = train_loop(model, tokenizer, train, stage="stage3 flex", steps=steps, batch_size=batch_size, lr=lr,
+                            mix=STAGE3_MIX, modes={"flex": 1 - select_all_share, "select_all": select_all_share},
+                            aux_weight=aux_weight, seed=seed, max_minutes=max_minutes, params=params,
+                            eval_fn=eval_fn, eval_every=250, checkpoint=checkpoint, warm_mix=STAGE3_WARM_MIX,
+                            warm_steps=warm_steps)
+    print(f"stage3 flex: {done} steps in {secs / 60:.2f} min")
+    # Threshold: the best on tuning images (never the reported held-out ones) with hr_share <= 0.18.
+    results = {}
+    for t in thresholds:
+        m = teacher_forced_eval(model, tokenizer, tune, "flex", settings=flex_settings(t))
+        results[t] = m
+        print(f"  threshold {t:5.1f}: {_line(m)}")
+    ok = [t for t in thresholds if results[t]["hr_share"] <= 0.18] or list(thresholds)
+    best = max(ok, key=lambda t: (round(results[t]["accuracy"], 3), results[t]["selection_recall"]))
+    model.config.flex_attention = flex_settings(best).to_dict()
+    print(f"chosen threshold {best}")
+    info = {"stage": "stage3_flex", "steps": done, "batch_size": batch_size, "seconds": secs, "lr": lr,
+            "aux_weight": aux_weight, "select_all_share": select_all_share, "warm_steps": warm_steps, "threshold": best,
+            "threshold_search": {str(t): results[t] for t in thresholds}, "train_images": len(train["meta"])}
+    _save_model(model, tokenizer, out, info)
+    return info
+
+
+def heldout_report(model_dir, cache_dir, n: int | None = None, shift: int = LR_GRID) -> dict:
+    """Teacher-forced held-out numbers for lowres / flex / select_all / shifted masks (fast; == greedy decoding)."""
+    from flexattn.loading import load as load_model
+    from flexattn.synthetic import build_tokenizer
+
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
+    tokenizer = build_tokenizer()
+    model = load_model(str(model_dir), device="cpu", dtype=torch.float32).model
+    cache = _load_cache(Path(cache_dir) / "heldout.pt")
+    report = {}
+    for mode in ("lowres", "flex", "select_all"):
+        report[mode] = teacher_forced_eval(model, tokenizer, cache, mode, limit=n)
+        print(f"{mode:10s} {_line(report[mode])}")
+    report["flex_shifted"] = teacher_forced_eval(model, tokenizer, cache, "flex", shift=shift, limit=n)
+    print(f"{'shifted':10s} {_line(report['flex_shifted'])}")
+    return report
+
+
+def decode_eval(model_dir: str | Path | None, n: int, modes=("lowres", "flex", "select_all")) -> dict:
+    """Exact-match accuracy and HR share through FlexVLM.answer (cached greedy decoding, the inference path) on
+    held-out seeds HELDOUT_SEED + i, families round-robin (the same images as the feature cache's held-out split)."""
+    from flexattn.pipeline import FlexVLM
+
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
+    vlm = FlexVLM.load(str(model_dir) if model_dir else None, device="cpu")
+    out = {}
+    for mode in modes:
+        per: dict[str, list] = {}
+        for i in tqdm(range(n), desc=f"decode {mode}", dynamic_ncols=True):
+            family = FAMILIES[i % len(FAMILIES)]
+            s = make_sample(HELDOUT_SEED + i, family)
+            a = vlm.answer(s.image, s.question, mode=mode, max_new_tokens=12, trace=False)
+            share = a.stats["hr_attended_mean"] / a.stats["hr_tokens"]
+            per.setdefault(family, []).append((a.text == s.answer, share))
+        allr = [r for v in per.values() for r in v]
+        out[mode] = {"accuracy": sum(r[0] for r in allr) / len(allr), "hr_share": sum(r[1] for r in allr) / len(allr),
+                     "families": {f: sum(r[0] for r in v) / len(v) for f, v in sorted(per.items())}}
+        print(f"{mode:10s} acc {out[mode]['accuracy'] * 100:.1f}% share {out[mode]['hr_share']:.3f} "
+              f"{out[mode]['families']}")
+    return out
+
+
+EXAMPLE_SEED = HELDOUT_SEED + 900_000  # app examples: held-out seeds, never trained on
+EXAMPLE_FAMILIES = ("attribute", "attribute", "spatial", "spatial", "reading", "reading", "reading")
+
+
+def write_examples(out_dir: str | Path = "assets/examples", model_dir: str | Path | None = None) -> list[dict]:
+    """Held-out example images (PNG) + examples.json for the app: the first seeds from EXAMPLE_SEED, per family
+    in EXAMPLE_FAMILIES order (no filtering on how the model does). With model_dir, prints its answers."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, family in enumerate(EXAMPLE_FAMILIES):
+        s = make_sample(EXAMPLE_SEED + i, family)
+        name = f"{family}_{s.seed}.png"
+        s.image.save(out / name)
+        entries.append({"image": name, "question": s.question, "answer": s.answer, "family": family,
+                        "target_boxes": [list(map(int, b)) for b in s.target_boxes]})
+    (out / "examples.json").write_text(json.dumps(entries, indent=2) + "\n")
+    if model_dir is not None:
+        from flexattn.pipeline import FlexVLM
+
+        vlm = FlexVLM.load(str(model_dir), device="cpu")
+        for e in entries:
+            got = {m: vlm.answer(out / e["image"], e["question"], mode=m, trace=False).text
+                   for m in ("lowres", "flex", "select_all")}
+            print(f"{e['image']}: {e['question']!r} -> {e['answer']!r}; {got}")
+    return entries
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="stage", required=True)
+
+    def s1_args(p, short=False):  # short: stage1's own flag names (--steps, --lr, --max-minutes ...) too
+        a = (lambda name: (f"--{name}1", f"--{name}") if short else (f"--{name}1",))
+        p.add_argument(*a("steps"), dest="steps1", type=int, default=500)
+        p.add_argument(*a("batch-size"), dest="batch_size1", type=int, default=8,
+                       help="images per step (each = 9 HR crops + 1 LR view)")
+        p.add_argument(*a("lr"), dest="lr1", type=float, default=1e-3)
+        p.add_argument("--weight-decay", type=float, default=0.05)
+        p.add_argument("--warmup", type=int, default=100)
+        p.add_argument("--placement", choices=("grid", "free"), default="grid",
+                       help="grid: letters centred in one 14-px HR patch; free: shapes anywhere")
+        p.add_argument(*a("max-minutes"), dest="max_minutes1", type=float, default=12.0,
+                       help="stop stage 1 early after this long")
+
+    def s2c_args(p):
+        p.add_argument("--train-images", type=int, default=4000)
+        p.add_argument("--heldout-images", type=int, default=600)
+        p.add_argument("--tune-images", type=int, default=300)
+        p.add_argument("--max-minutes-cache", type=float, default=15.0)
+
+    def s2a_args(p):
+        p.add_argument("--steps2", type=int, default=500)
+        p.add_argument("--batch-size2", type=int, default=32)
+        p.add_argument("--lr2", type=float, default=1e-3)
+        p.add_argument("--max-minutes2", type=float, default=10.0)
+
+    def s3_args(p):
+        p.add_argument("--steps3", type=int, default=1600)
+        p.add_argument("--batch-size3", type=int, default=16)
+        p.add_argument("--lr3", type=float, default=1e-3)
+        p.add_argument("--aux-weight", type=float, default=0.5)
+        p.add_argument("--warm-steps", type=int, default=300, help="first steps on letter_of + control questions")
+        p.add_argument("--select-all-share", type=float, default=0.25)
+        p.add_argument("--thresholds", default="32,64,96,128,160,192")
+        p.add_argument("--max-minutes3", type=float, default=35.0)
+
+    common = dict(tower="build/stage1_tower", cache="build/stage2_cache", align="build/stage2_align")
+
+    def paths(p, *names):
+        for n in names:
+            p.add_argument(f"--{n}", default=common[n])
+
     s1 = sub.add_parser("stage1", help="pretrain the vision tower with dense per-patch heads")
     s1.add_argument("--out", default="build/stage1_tower")
-    s1.add_argument("--steps", type=int, default=500)
-    s1.add_argument("--batch-size", type=int, default=8, help="images per step (each = 9 HR crops + 1 LR view)")
-    s1.add_argument("--lr", type=float, default=1e-3)
-    s1.add_argument("--weight-decay", type=float, default=0.05)
-    s1.add_argument("--warmup", type=int, default=100)
-    s1.add_argument("--seed", type=int, default=0)
-    s1.add_argument("--placement", choices=("grid", "free"), default="grid",
-                    help="grid: letters centred in one 14-px HR patch; free: shapes anywhere")
-    s1.add_argument("--eval-images", type=int, default=300)
-    s1.add_argument("--eval-every", type=int, default=250)
-    s1.add_argument("--max-minutes", type=float, default=None, help="stop training early after this long")
-    s1.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
-    s1.add_argument("--device", default=None)
+    s1_args(s1, short=True)
+    for p in (s1,):
+        p.add_argument("--eval-images", type=int, default=300)
+        p.add_argument("--eval-every", type=int, default=250)
+        p.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
+    c = sub.add_parser("cache", help="stage 2a: cache the frozen tower's features (train / tune / held-out images)")
+    paths(c, "tower", "cache")
+    s2c_args(c)
+    c.add_argument("--workers", type=int, default=1)
+    a = sub.add_parser("align", help="stage 2b: train projector + LLM on LR-answerable questions (lowres mode)")
+    paths(a, "tower", "cache")
+    a.add_argument("--out", default=common["align"])
+    s2a_args(a)
+    f = sub.add_parser("flex", help="stage 3: FlexAttention tuning (+ threshold choice on tuning images)")
+    paths(f, "cache", "align")
+    f.add_argument("--out", default="assets/flexattn-tiny")
+    s3_args(f)
+    e = sub.add_parser("report", help="teacher-forced held-out numbers of a trained model")
+    e.add_argument("--model", default="assets/flexattn-tiny")
+    paths(e, "cache")
+    e.add_argument("--n", type=int, default=None)
+    de = sub.add_parser("decode-eval", help="held-out accuracy through FlexVLM.answer (slower, the inference path)")
+    de.add_argument("--model", default=None)
+    de.add_argument("--n", type=int, default=60)
+    ex = sub.add_parser("examples", help="write the app's held-out example images and examples.json")
+    ex.add_argument("--out", default="assets/examples")
+    ex.add_argument("--model", default=None, help="also print this model's answers to them")
+    al = sub.add_parser("all", help="stage 1 -> 2 -> 3")
+    al.add_argument("--out", default="assets/flexattn-tiny")
+    paths(al, "tower", "cache", "align")
+    al.add_argument("--reuse-tower", action="store_true", help="keep an existing stage-1 tower at --tower")
+    al.add_argument("--workers", type=int, default=1)
+    for fn in (s1_args, s2c_args, s2a_args, s3_args):
+        fn(al)
+    for p in (s1, c, a, f, al):
+        p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.stage == "stage1":
-        stage1_tower(
-            out_dir=args.out,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup=args.warmup,
-            seed=args.seed,
-            grid_aligned=args.placement == "grid",
-            eval_images=args.eval_images,
-            eval_every=args.eval_every,
-            max_minutes=args.max_minutes,
-            workers=args.workers,
-            device=args.device,
-        )
+    t0 = time.time()
+    if args.stage == "decode-eval":
+        decode_eval(args.model, args.n)
+        return
+    if args.stage == "examples":
+        write_examples(args.out, args.model)
+        return
+    if args.stage in ("stage1", "all"):
+        if args.stage == "all" and args.reuse_tower and (Path(args.tower) / "model.safetensors").exists():
+            print(f"stage 1: reusing {args.tower}")
+        else:
+            stage1_tower(
+                out_dir=args.out if args.stage == "stage1" else args.tower,
+                steps=args.steps1, batch_size=args.batch_size1, lr=args.lr1, seed=args.seed,
+                weight_decay=args.weight_decay, warmup=args.warmup,
+                grid_aligned=args.placement == "grid", max_minutes=args.max_minutes1,
+                workers=args.workers,
+                **({"eval_images": args.eval_images, "eval_every": args.eval_every} if args.stage == "stage1" else {}),
+            )
+    if args.stage in ("cache", "all"):
+        stage2_cache(args.tower, args.cache, args.train_images, args.heldout_images, args.tune_images, args.seed,
+                     args.workers, args.max_minutes_cache)
+    if args.stage in ("align", "all"):
+        stage2_align(args.tower, args.cache, args.out if args.stage == "align" else args.align, args.steps2, args.batch_size2, args.lr2, args.seed,
+                     args.max_minutes2)
+    if args.stage in ("flex", "all"):
+        stage3_flex(args.align, args.cache, args.out, args.steps3, args.batch_size3, args.lr3, args.seed,
+                    args.max_minutes3, args.aux_weight, args.select_all_share,
+                    [float(t) for t in args.thresholds.split(",")], args.warm_steps)
+    if args.stage in ("report", "all"):
+        rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
+                             getattr(args, "n", None))
+        target = Path(args.model if args.stage == "report" else args.out) / "heldout_teacher_forced.json"
+        target.write_text(json.dumps(rep, indent=2))
+    print(f"done in {(time.time() - t0) / 60:.2f} min")
 
 
 if __name__ == "__main__":

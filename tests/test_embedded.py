@@ -1,0 +1,75 @@
+"""The shipped embedded model (assets/flexattn-tiny): loads with no arguments and reads what only HR shows.
+
+The samples are fixed held-out seeds (>= 10_000_000, never used in training), one or more per family.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flexattn.loading import EMBEDDED_MODEL
+from flexattn.pipeline import FlexVLM
+from flexattn.synthetic import make_sample
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+# (seed, family): the first held-out seeds of the attribute and reading families (no filtering).
+SAMPLES = [(10_000_000, "attribute"), (10_000_002, "reading"), (10_000_003, "attribute"), (10_000_005, "reading")]
+
+# The shipped checkpoint did not pass stage 3 (see assets/flexattn-tiny/TRAINING.md): the LLM never learned to
+# use image content, so flex mode is not yet right on these samples. strict: once a retrained model passes, this
+# marker must be removed.
+STAGE3_FAILED = pytest.mark.xfail(
+    reason="assets/flexattn-tiny did not learn to read HR tokens (stage 3 at chance); see its TRAINING.md",
+    strict=True,
+)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return FlexVLM.load()
+
+
+def test_embedded_model_ships_as_a_flexattention_checkpoint():
+    config = json.loads((EMBEDDED_MODEL / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["flex_attention"]["selection_layer"] >= 1
+    assert (EMBEDDED_MODEL / "model.safetensors").is_file()
+    assert (EMBEDDED_MODEL / "tokenizer.json").is_file()
+    assert (EMBEDDED_MODEL / "preprocessor_config.json").is_file()
+    size = sum(p.stat().st_size for p in EMBEDDED_MODEL.iterdir() if p.is_file())
+    assert size <= 50 * 2**20
+
+
+def test_default_load_is_the_trained_embedded_model(vlm):
+    assert Path(vlm.name).resolve() == EMBEDDED_MODEL.resolve()
+    assert vlm.layout == "transformers" and not vlm.untrained_hr
+    assert not vlm.settings.untrained_hr_projections
+
+
+@STAGE3_FAILED
+@pytest.mark.parametrize("seed,family", SAMPLES)
+def test_flex_reads_what_lowres_cannot(vlm, seed, family):
+    assert seed >= 10_000_000
+    sample = make_sample(seed, family)
+    flex = vlm.answer(sample.image, sample.question, mode="flex", max_new_tokens=12)
+    low = vlm.answer(sample.image, sample.question, mode="lowres", max_new_tokens=12)
+    assert flex.text == sample.answer
+    assert low.text != flex.text
+    # selection is a small part of the HR grid
+    assert 0 < flex.stats["hr_attended_mean"] <= 0.35 * flex.stats["hr_tokens"]
+
+
+def test_examples_file_matches_its_images():
+    from PIL import Image
+
+    entries = json.loads((EXAMPLES / "examples.json").read_text())
+    assert 6 <= len(entries) <= 8
+    families = [e["family"] for e in entries]
+    assert {"attribute", "spatial", "reading"} <= set(families) and families.count("reading") >= 2
+    for e in entries:
+        image = Image.open(EXAMPLES / e["image"])
+        w, h = image.size
+        assert e["question"] and e["answer"] and e["target_boxes"]
+        for x0, y0, x1, y1 in e["target_boxes"]:
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
