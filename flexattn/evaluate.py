@@ -212,7 +212,10 @@ def format_table(result: dict) -> str:
     lines = [f"{result['bench']}  model={result['model']}  n={result['n']}"]
     header = f"{'mode':<11}{'family':<11}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}"
     lines.append(header)
-    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    def fmt(value, spec):
+        width = int(spec.split(".")[0])
+        return format(value, spec) if value is not None else "-".rjust(width)
+
     for mode, block in result["modes"].items():
         rows = [("all", block)] + list(block.get("families", {}).items())
         if "subsets" in block:
