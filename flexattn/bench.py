@@ -135,22 +135,10 @@ class BenchModel:
 
 def word_tokenizer(vocab_size: int = 32000):
     """A word-level tokenizer of `vocab_size` ids: LLaVA's v1 prompt words and the bench questions, then fillers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
+    from .presets import word_tokenizer as build
     from .prompt import SYSTEM
 
-    names = ["<pad>", "<s>", "</s>", "<unk>"]
-    for word in f"{SYSTEM} USER: ASSISTANT: {QUESTION} {FOLLOW_UP}".split():
-        if word not in names:
-            names.append(word)
-    names += [f"w{i}" for i in range(vocab_size - len(names))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    return build(f"{SYSTEM} USER: ASSISTANT: {QUESTION} {FOLLOW_UP}".split(), vocab_size)
 
 
 def seven_b_shaped(depth_divisor: int = 8, device=None, dtype=None, seed: int = 0) -> FlexVLM:

@@ -1,4 +1,5 @@
-"""Model configurations built in code: tiny ones for tests, and the LLaVA-1.5-7B shape for cost runs."""
+"""Models built in code: tiny configurations for tests, the LLaVA-1.5-7B shape for cost runs, and a word-level
+tokenizer for such models."""
 
 from __future__ import annotations
 
@@ -84,4 +85,22 @@ def llava_7b_config(depth_divisor: int = 1, zoom: int = 3) -> LlavaConfig:
         vision_hidden=1024, vision_intermediate=4096, vision_layers=24 // depth_divisor, vision_heads=16,
         image_size=336, patch_size=14, image_token_id=31999,
         flex=FlexSettings(lowres_size=336, zoom=zoom, selection_layer=8 // depth_divisor, threshold=48, pool_size=9),
+    )
+
+
+def word_tokenizer(words, vocab_size: int):
+    """A word-level tokenizer: <pad> <s> </s> <unk>, then `words` (first occurrence), then fillers to `vocab_size`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<pad>", "<s>", "</s>", "<unk>"]
+    for word in words:
+        if word not in names:
+            names.append(word)
+    names += [f"w{i}" for i in range(vocab_size - len(names))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )

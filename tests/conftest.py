@@ -12,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPVisionModel, PreTrainedTokenizerFast
 
 from flexattn.image import ImageProcessor
 from flexattn.loading import LoadedModel
 from flexattn.modeling import FlexLlavaForConditionalGeneration
 from flexattn.pipeline import FlexVLM
-from flexattn.presets import tiny_config
+from flexattn.presets import tiny_config, word_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -27,18 +26,10 @@ WORDS = (
     "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed polite "
     "answers to human's questions user : what is this ? which letter colour red blue green left right of on"
 ).split()
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def make_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
-    names = SPECIALS + WORDS
-    names += [f"w{i}" for i in range(vocab_size - len(names))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    return word_tokenizer(WORDS, vocab_size)
 
 
 def make_model(seed: int = 0, **config_kwargs) -> FlexLlavaForConditionalGeneration:
