@@ -729,8 +729,8 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.mark.browser
-def test_in_a_real_browser(launched, examples):
+def _browser_capture():
+    """app.screenshot.capture, or skip (locally) / fail (under CI) when no browser can run."""
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
@@ -738,6 +738,12 @@ def test_in_a_real_browser(launched, examples):
         pytest.skip(missing)
     from app.screenshot import capture
 
+    return capture
+
+
+@pytest.mark.browser
+def test_in_a_real_browser(launched, examples):
+    capture = _browser_capture()
     _, url = launched
     out = ARTIFACTS / "app.png"
     result = capture(url, example_path(examples, "wide.png"), QUESTION, out)
@@ -752,13 +758,7 @@ def test_in_a_real_browser(launched, examples):
 
 @pytest.mark.browser
 def test_avl_panel_in_a_real_browser(launched, examples):
-    missing = _browser_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test must run under CI: {missing}")
-        pytest.skip(missing)
-    from app.screenshot import capture
-
+    capture = _browser_capture()
     _, url = launched
     out = ARTIFACTS / "avl.png"
     result = capture(url, example_path(examples, "wide.png"), QUESTION, out, avl=True)
