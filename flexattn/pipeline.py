@@ -305,7 +305,7 @@ class FlexVLM:
             cache = self._reusable_prefix(prepared, prompt_key) if reuse else None
             reused = cache.get_seq_length() if cache is not None else 0
             if avl_settings is not None:
-                cache = AVLCache(avl_settings, n_layers, len(ids_before), prepared.lr_grid**2)
+                cache = AVLCache(avl_settings, n_layers, image_start, prepared.lr_grid**2)
             device = self.device
             g, G = prepared.lr_grid, prepared.hr_grid
             recorder = None
