@@ -52,12 +52,6 @@ def llm_layer_flops(text_config, q_len: int, kv_len: int) -> int:
     return proj + attn + mlp
 
 
-def llm_pass_flops(text_config, q_len: int, kv_len: int, logits_rows: int = 1) -> int:
-    """One ordinary forward pass (every layer, and the LM head on `logits_rows` rows)."""
-    head = 2 * logits_rows * text_config.hidden_size * text_config.vocab_size
-    return text_config.num_hidden_layers * llm_layer_flops(text_config, q_len, kv_len) + head
-
-
 def flex_layer_extra_flops(text_config, layer: int, kv_len: int, selection_layer: int, hr_attended: int,
                            hr_projected: int | None = None) -> int:
     """What FlexAttention adds to one layer of one pass (0 before the selection layer). `hr_projected`: HR tokens
@@ -71,14 +65,6 @@ def flex_layer_extra_flops(text_config, layer: int, kv_len: int, selection_layer
         p = m if hr_projected is None else hr_projected
         total += 2 * 2 * p * d * d_kv + 2 * m * d_attn + 2 * (kv_len + m) * d_attn
     return total
-
-
-def flex_pass_extra_flops(text_config, kv_len: int, selection_layer: int, hr_attended: Sequence[int]) -> int:
-    """What FlexAttention adds to one pass; hr_attended[i] = HR tokens layer i attended (0 at layers <= S)."""
-    return sum(
-        flex_layer_extra_flops(text_config, layer, kv_len, selection_layer, hr_attended[layer])
-        for layer in range(text_config.num_hidden_layers)
-    )
 
 
 def call_flops(
