@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .avl import AVLSettings
 from .prompt import conversation, tokenize_around_image
 from .settings import MODES
+from .training import box_cells
 
 BENCH_FAMILIES = {"synthetic": ("attribute", "spatial"), "synthetic-long": ("reading",)}
 VSTAR_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -31,16 +32,10 @@ def normalise(text: str) -> str:
 
 def hr_cells(boxes, image_size: tuple[int, int], grid: int) -> np.ndarray:
     """(grid, grid) bool: HR grid cells (over the padded square image) that the pixel boxes touch."""
-    w, h = image_size
-    side = max(w, h)
-    ox, oy = (side - w) / 2, (side - h) / 2
-    cell = side / grid
-    out = np.zeros((grid, grid), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        c0, c1 = int((x0 + ox) // cell), int(np.ceil((x1 + ox) / cell))
-        r0, r1 = int((y0 + oy) // cell), int(np.ceil((y1 + oy) / cell))
-        out[max(r0, 0) : min(r1, grid), max(c0, 0) : min(c1, grid)] = True
-    return out
+    cells = torch.zeros(grid, grid, dtype=torch.bool)
+    for box in boxes:
+        cells |= box_cells(box, image_size, grid)
+    return cells.numpy()
 
 
 def last_attended_mask(trace, token: int):
