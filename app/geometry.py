@@ -1,5 +1,7 @@
 """Where token grids lie on the original image, and selection recall against ground-truth boxes.
 
+Recall itself is `flexattn.evaluate.mask_recall`, so the app shows the numbers the eval runner reports.
+
 The model pads every image to a square of side max(w, h), image centred (flexattn.image.pad_to_square), and
 tiles that square with its LR (g x g) and HR (G x G) token grids. Grid cell (row, col) therefore covers
 original-image pixels x in [col * c - ox, (col + 1) * c - ox), with c = side / n and ox the left padding.
@@ -11,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from flexattn.evaluate import mask_recall
 
 
 @dataclass(frozen=True)
@@ -39,30 +43,7 @@ class Frame:
         ox, oy = self.offset
         return c / 2 - ox, c / 2 - oy
 
-    def cell_centres(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """x centres of the n columns and y centres of the n rows, original-image px."""
-        x0, y0 = self.first_centre(n)
-        steps = np.arange(n) * self.cell(n)
-        return x0 + steps, y0 + steps
-
-
-def box_cells(frame: Frame, n: int, boxes: Sequence[Sequence[float]]) -> np.ndarray:
-    """(n, n) bool: the cells whose centre lies inside any box (x0, y0, x1, y1), original px, end-exclusive."""
-    xs, ys = frame.cell_centres(n)
-    inside = np.zeros((n, n), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        cols = (xs >= x0) & (xs < x1)
-        rows = (ys >= y0) & (ys < y1)
-        inside |= rows[:, None] & cols[None, :]
-    return inside
-
 
 def selection_recall(mask: np.ndarray | None, frame: Frame, boxes: Sequence[Sequence[float]]) -> float | None:
-    """Share of the target's HR cells (centres inside the boxes) that the mask selected; None when undefined."""
-    if mask is None or not boxes:
-        return None
-    target = box_cells(frame, mask.shape[0], boxes)
-    total = int(target.sum())
-    if total == 0:
-        return None
-    return float((mask.astype(bool) & target).sum()) / total
+    """Share of the target's HR cells that the mask selected (flexattn's one definition); None when undefined."""
+    return mask_recall(mask, boxes, (frame.width, frame.height))

@@ -90,8 +90,9 @@ class FlexState:
         rows: (B, R) query rows that see HR; None means the last row of each pass (inference).
         row_valid: (B, R) bool, False for padding entries of `rows` (batches whose rows differ in number).
         recorder: optional trace recorder (flexattn.trace.TraceRecorder).
-        planted_selection: optional (G*G,) bool mask that flex mode selects at every selecting layer instead of the
-            attention-driven one: for cost runs of random-weight models, which would select nearly everything.
+        planted_selection: optional (G*G,) or per-row (B, R, G*G) bool mask that flex mode selects at every selecting
+            layer instead of the attention-driven one: for cost runs of random-weight models (which would select
+            nearly everything), and in training to teach reading HR tokens before selection finds them.
         shift_selection: optional (rows, cols) by which every selected mask is rolled over the HR grid: a control
             showing that answers depend on *where* the selection is, not on how much is selected.
         keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).

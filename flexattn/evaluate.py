@@ -38,6 +38,17 @@ def hr_cells(boxes, image_size: tuple[int, int], grid: int) -> np.ndarray:
     return cells.numpy()
 
 
+def mask_recall(mask: np.ndarray | None, boxes, image_size: tuple[int, int]) -> float | None:
+    """Share of the target's HR cells (every cell a box touches) that a (G, G) mask selected; None if undefined.
+
+    The one definition of selection recall: the eval runner and the app both use it."""
+    if mask is None or not boxes:
+        return None
+    cells = hr_cells(boxes, image_size, mask.shape[0])
+    total = int(cells.sum())
+    return float((np.asarray(mask, dtype=bool) & cells).sum()) / total if total else None
+
+
 def last_attended_mask(trace, token: int):
     """The mask the last layer attended with for `token` (computed by the layer before it)."""
     if token >= len(trace.passes):
@@ -50,18 +61,15 @@ def selection_recall(sample, trace, image_size) -> float | None:
     """Mean over answer tokens with a known target: |target cells ∩ mask| / |target cells|."""
     if trace is None or not trace.passes:
         return None
-    grid = trace.hr_grid
     if sample.family == "reading":  # answer token k reads shape k
         targets = [(k, [box]) for k, box in enumerate(sample.target_boxes)]
     else:  # one answering token needs every target shape
         targets = [(0, list(sample.target_boxes))]
     recalls = []
     for token, boxes in targets:
-        mask = last_attended_mask(trace, token)
-        if mask is None:
-            continue
-        cells = hr_cells(boxes, image_size, grid)
-        recalls.append(float((mask & cells).sum() / max(cells.sum(), 1)))
+        recall = mask_recall(last_attended_mask(trace, token), boxes, image_size)
+        if recall is not None:
+            recalls.append(recall)
     return float(np.mean(recalls)) if recalls else None
 
 

@@ -88,8 +88,12 @@ def forward_loss(
     original_sizes,
     mode: str = "flex",
     aux_weight: float = 0.0,
+    planted_selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on answer tokens (+ aux_weight x attention loss). lr/hr_features: (B, g*g, D) / (B, G*G, D)."""
+    """Cross-entropy on answer tokens (+ aux_weight x attention loss). lr/hr_features: (B, g*g, D) / (B, G*G, D).
+
+    planted_selection: (B, R, G*G) masks each row uses instead of its own selection (flex mode), e.g.
+    `target_masks(batch, zoom)`; the LR maps still get the attention loss."""
     device = lr_features.device
     g = int(round(lr_features.shape[1] ** 0.5))
     embeds = model.get_input_embeddings()(batch.input_ids.to(device))
@@ -102,7 +106,7 @@ def forward_loss(
         mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features,
         hr_cos=hr_cos, hr_sin=hr_sin, original_sizes=original_sizes, rows=batch.rows.to(device),
         row_valid=batch.row_valid.to(device),
-        keep_lr_maps=aux_weight > 0,
+        keep_lr_maps=aux_weight > 0, planted_selection=planted_selection,
     )
     logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
     labels = batch.labels.to(device)
@@ -114,6 +118,12 @@ def forward_loss(
         loss = loss + aux_weight * aux
         stats["aux"] = aux.item()
     return loss, stats
+
+
+def target_masks(batch: Batch, zoom: int) -> torch.Tensor:
+    """(B, R, G*G): each row's target LR cells as the HR mask a perfect selection (identity pooling) would give."""
+    cells = batch.target_cells.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
+    return cells.flatten(2)
 
 
 def attention_loss(lr_maps, target_cells: torch.Tensor) -> torch.Tensor:

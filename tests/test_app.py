@@ -25,7 +25,7 @@ from app import events as events_module
 from app import figures, runtime, ui
 from app.events import Events, new_session
 from app.examples import load_examples
-from app.geometry import Frame, box_cells, selection_recall
+from app.geometry import Frame, selection_recall
 from flexattn import EMBEDDED_MODEL, FlexVLM
 from flexattn.synthetic import make_sample
 from tests.conftest import make_vlm, random_image, write_transformers_checkpoint
@@ -146,12 +146,9 @@ def example_path(examples, name: str) -> str:
 def test_frame_maps_grid_cells_through_the_centred_padding():
     wide = Frame(200, 100)  # padded to 200 x 200, 50 px above and below
     assert wide.side == 200 and wide.offset == (0, 50)
-    xs, ys = wide.cell_centres(4)
-    assert np.allclose(xs, [25, 75, 125, 175]) and np.allclose(ys, [-25, 25, 75, 125])
+    assert wide.cell(4) == 50 and wide.first_centre(4) == (25, -25)  # row 0 lies in the top padding
     tall = Frame(100, 300)
     assert tall.offset == (100, 0)
-    cells = box_cells(wide, 4, [(0, 0, 100, 50)])  # top-left quarter of the image itself
-    assert cells.sum() == 2 and cells[1, 0] and cells[1, 1]  # row 1 (y centre 25), columns 0 and 1
 
 
 def test_selection_recall():
@@ -159,6 +156,12 @@ def test_selection_recall():
     mask = np.zeros((4, 4), dtype=bool)
     mask[0, 0] = True
     assert selection_recall(mask, frame, [(0, 0, 100, 100)]) == pytest.approx(0.25)
+    assert selection_recall(mask, frame, [(0, 0, 10, 10)]) == 1.0  # a box touching one cell counts that cell
+    wide = Frame(200, 100)  # padded to 200 x 200, 50 px above: image row 0-49 is grid row 1
+    mask[:] = False
+    mask[1, 0] = True
+    assert selection_recall(mask, wide, [(0, 0, 50, 50)]) == 1.0
+    assert selection_recall(mask, wide, [(0, 0, 100, 50)]) == pytest.approx(0.5)
     assert selection_recall(mask, frame, []) is None
     assert selection_recall(None, frame, [(0, 0, 100, 100)]) is None
 

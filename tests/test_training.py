@@ -1,9 +1,10 @@
 """Teacher-forced training forward == cached greedy decoding, row for row: the training path is the inference
 semantics, batched."""
 
+import pytest
 import torch
 
-from flexattn.training import attention_loss, box_cells, collate, forward_loss
+from flexattn.training import attention_loss, box_cells, collate, forward_loss, target_masks
 
 from .conftest import make_vlm, random_image
 
@@ -84,3 +85,32 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     model.eval()
     assert losses[-1] < losses[0] and "aux" in stats
     assert not torch.equal(before, model.model.language_model.layers[3].self_attn.k_proj_hd.weight)
+
+
+def test_planted_target_masks_bound_what_rows_read():
+    """target_masks turns each row's LR target cells into the HR mask a perfect selection gives; planted in flex,
+    an empty mask is lowres and a full one is select_all, row for row."""
+    vlm = make_vlm(seed=10, num_layers=4, selection_layer=1, lowres_size=56, threshold=60)
+    prepared = [vlm.prepare(random_image(70, 70, seed=s)) for s in (5, 6)]
+    g, zoom = prepared[0].lr_grid, vlm.settings.zoom
+    target = box_cells((0, 0, 30, 30), (70, 70), g)
+    batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
+                    row_targets=[[target] * 2, [target] * 3])
+    masks = target_masks(batch, zoom)
+    G = g * zoom
+    assert masks.shape == (2, batch.rows.shape[1], G * G)
+    hr_target = masks[0, 0].reshape(G, G)
+    assert torch.equal(hr_target, target.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1))
+    assert not masks[0, 2].any()  # padding row of the shorter answer: no target, no HR
+    lr = torch.stack([p.lr_features for p in prepared])
+    hr = torch.stack([p.hr_features for p in prepared])
+    sizes = [(70, 70)] * 2
+    with torch.no_grad():
+        ce = {mode: forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, mode=mode)[1]["ce"]
+              for mode in ("lowres", "select_all", "flex")}
+        none = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=torch.zeros_like(masks))
+        full = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=torch.ones_like(masks))
+        planted = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=masks)
+    assert none[1]["ce"] == pytest.approx(ce["lowres"], abs=1e-6)
+    assert full[1]["ce"] == pytest.approx(ce["select_all"], abs=1e-6)
+    assert planted[1]["ce"] not in (ce["lowres"], ce["select_all"])
