@@ -107,7 +107,7 @@ def test_planted_target_masks_bound_what_rows_read():
     sizes = [(70, 70)] * 2
     with torch.no_grad():
         ce = {mode: forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, mode=mode)[1]["ce"]
-              for mode in ("lowres", "select_all", "flex")}
+              for mode in ("lowres", "select_all")}
         none = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=torch.zeros_like(masks))
         full = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=torch.ones_like(masks))
         planted = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=masks)
