@@ -91,6 +91,25 @@ def tower_features(tower, pixels: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[-2][:, 1:]
 
 
+def warmup_cosine(opt, warmup: int, steps: int, floor: float):
+    """Linear warmup, then cosine decay from 1 to `floor` (as multiples of the optimiser's lr) at `steps`."""
+
+    def lr_at(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * (1 - floor) + floor
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def optimiser_step(opt, sched, loss: torch.Tensor, params) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def _none_to_class(labels: np.ndarray, n: int) -> np.ndarray:
     """NONE (-1) becomes class n (the extra 'none' class of a head)."""
     out = labels.copy()
@@ -257,12 +276,7 @@ def stage1_tower(
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
 
-    def lr_at(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.97 + 0.03
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, warmup, steps, floor=0.03)
 
     # Training seeds: a block per run seed, far below the held-out range.
     stream = PatchStream(start=seed * 1_000_000, grid_aligned=grid_aligned)
@@ -285,11 +299,7 @@ def stage1_tower(
         batch = next(it)
         hr_out, lr_out = _forward(tower, heads, batch, dev)
         loss = _losses(hr_out, lr_out, batch, dev)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(opt, sched, loss, params)
         done = step + 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
@@ -601,12 +611,7 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     steps = sum(p.steps for p in phases)
 
-    def lr_at(step):  # one warmup + cosine over all phases
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.95 + 0.05
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, warmup, steps, floor=0.05)  # one schedule over all phases
     settings = model.flex_settings
     schedule = [phase for phase in phases for _ in range(phase.steps)]
     t0 = time.time()
@@ -624,11 +629,7 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
         loss, stats = forward_loss(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * batch_size,
                                    mode="flex" if planted is not None else mode, aux_weight=phase.aux_weight,
                                    planted_selection=planted)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimiser_step(opt, sched, loss, params)
         done = step + 1
         for k, v in stats.items():
             ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
