@@ -17,11 +17,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 # (seed, family): the first held-out seeds of the attribute and reading families (no filtering).
 SAMPLES = [(10_000_000, "attribute"), (10_000_002, "reading"), (10_000_003, "attribute"), (10_000_005, "reading")]
 
-# The shipped checkpoint reads part of what only HR shows (held-out: flex 43 % on attribute questions, lowres 13 %;
+# The shipped checkpoint reads part of what only HR shows (held-out: flex 54 % on attribute questions, lowres 15 %;
 # reading 0 %; see its TRAINING.md), and these first held-out samples are among its misses. strict: once a
 # retrained model answers them, this marker must be removed.
 NOT_YET_READ = pytest.mark.xfail(
-    reason="assets/flexattn-tiny does not yet read these samples (flex 43 % on attribute, 0 % on reading)",
+    reason="assets/flexattn-tiny does not yet read these samples (flex 54 % on attribute, 0 % on reading)",
     strict=True,
 )
 
@@ -68,7 +68,7 @@ def test_flex_reads_letters_that_lowres_cannot(vlm):
     assert len(samples) >= 25
     right = {mode: sum(vlm.answer(s.image, s.question, mode=mode, max_new_tokens=4).text == s.answer for s in samples)
              for mode in ("lowres", "flex")}
-    assert right["flex"] >= right["lowres"] + 10, right
+    assert right["flex"] >= right["lowres"] + 15, right
 
 
 def test_examples_file_matches_its_images():
