@@ -14,8 +14,9 @@ from the stage-1 heads at RMSNorm scale (`init_projector_from_heads`).
 Stage 3: FlexAttention tuning (`flex`) through flexattn.training (teacher forcing == cached decoding),
 k/v_proj_hd from k/v_proj, in three phases: read (letter questions, each answering row given its target's HR
 tokens as the mask, "planted"), select (half planted, half flex, with the auxiliary attention loss), then all
-families + control questions in flex, select_all and planted batches. The threshold is chosen on tuning images
-(seeds TUNE_SEED+), never on the reported held-out ones.
+families + control questions in flex, select_all and planted batches. Questions that name a letter (illegible at
+LR) target every shape (`FIND_BY_LETTER`). The threshold is chosen on tuning images (seeds TUNE_SEED+), never on
+the reported held-out ones.
 
 Seeds: training images use seeds below HELDOUT_SEED; held-out evaluation uses seeds >= HELDOUT_SEED.
 On a CPU shared with other jobs, TRAIN_THREADS=1 is several times faster than 2 threads.
@@ -485,14 +486,21 @@ FIND_BY_LETTER = ("colour_of", "spatial")
 SPATIAL_ANSWERS_ = ("left", "right")
 
 
-def make_question(meta: dict, kind: str, rng: random.Random):
+def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | None = None):
     """(question, answer, per-answer-token selection targets as boxes) for a kind, or None if the image does not
-    allow it. Targets: the shape(s) the token needs, or every shape for FIND_BY_LETTER (the EOS row gets the last
-    token's)."""
+    allow it. Targets: the shape(s) the token needs (the EOS row gets the last token's); for FIND_BY_LETTER every
+    shape, or with `find_among` the named shape(s) plus random others, `find_among` shapes in all (a curriculum
+    for finding a letter among few shapes before many)."""
     got = _question(meta, kind, rng)
-    if got is not None and kind in FIND_BY_LETTER:
-        got = got[0], got[1], [[s["box"] for s in meta["shapes"]]]
-    return got
+    if got is None or kind not in FIND_BY_LETTER:
+        return got
+    boxes = [s["box"] for s in meta["shapes"]]
+    if find_among is not None:
+        named = got[2][0]
+        others = [b for b in boxes if b not in named]
+        rng.shuffle(others)
+        boxes = named + others[: max(0, find_among - len(named))]
+    return got[0], got[1], [boxes]
 
 
 def _question(meta: dict, kind: str, rng: random.Random):
@@ -534,17 +542,18 @@ def _question(meta: dict, kind: str, rng: random.Random):
     raise ValueError(kind)
 
 
-def sample_question(meta: dict, mix: dict[str, float], rng: random.Random):
+def sample_question(meta: dict, mix: dict[str, float], rng: random.Random, find_among: int | None = None):
     """A question of a kind drawn from `mix` that this image allows, or None if it allows none of them."""
     kinds, weights = zip(*mix.items())
     for _ in range(20):
-        got = make_question(meta, rng.choices(kinds, weights)[0], rng)
+        got = make_question(meta, rng.choices(kinds, weights)[0], rng, find_among)
         if got is not None:
             return got
     return None
 
 
-def draw_batch(cache, mix: dict[str, float], rng: random.Random, size: int, images=None):
+def draw_batch(cache, mix: dict[str, float], rng: random.Random, size: int, images=None,
+               find_among: int | None = None):
     """(image indices, questions): random training images (or the given ones, in order), skipping images that
     allow no question of the mix (an LR-only mix has none for some layouts)."""
     idx, items = [], []
@@ -553,7 +562,7 @@ def draw_batch(cache, mix: dict[str, float], rng: random.Random, size: int, imag
         i = next(pool, None) if pool is not None else rng.randrange(len(cache["meta"]))
         if i is None:
             break
-        got = sample_question(cache["meta"][i], mix, rng)
+        got = sample_question(cache["meta"][i], mix, rng, find_among)
         if got is not None:
             idx.append(i)
             items.append(got)
@@ -605,12 +614,14 @@ class Phase:
     """A stretch of training: how many steps, which questions, which modes (drawn per batch), attention-loss weight.
 
     Modes: "lowres", "flex", "select_all", or "planted" (flex with each row's ground-truth target as its mask, so
-    reading HR tokens is learned even while the model's own selection misses; the LR maps still get the loss)."""
+    reading HR tokens is learned even while the model's own selection misses; the LR maps still get the loss).
+    find_among: how many shapes a FIND_BY_LETTER question's target holds (None: all of them), see make_question."""
 
     steps: int
     mix: dict[str, float]
     modes: dict[str, float]
     aux_weight: float = 0.0
+    find_among: int | None = None
 
 
 def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batch_size: int, lr: float, seed: int,
@@ -631,7 +642,7 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
     ema: dict[str, float] = {}
     done = 0
     for step, phase in enumerate(schedule):
-        idx, items = draw_batch(cache, phase.mix, rng, batch_size)
+        idx, items = draw_batch(cache, phase.mix, rng, batch_size, find_among=phase.find_among)
         batch = make_batch(tokenizer, items)
         mode = rng.choices(list(phase.modes), list(phase.modes.values()))[0]
         planted = target_masks(batch, ZOOM) if mode == "planted" else None
@@ -898,7 +909,8 @@ def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
 
 
 def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
-                thresholds, read_steps: int = 0, select_steps: int = 0, planted_share: float = 0.0) -> dict:
+                thresholds, read_steps: int = 0, select_steps: int = 0, planted_share: float = 0.0,
+                match_steps: int = 0, match_shapes: int = 2) -> dict:
     from flexattn.loading import load as load_model
     from flexattn.synthetic import build_tokenizer
 
@@ -928,6 +940,10 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
         # 1. read: rows see exactly their target's HR tokens; the model learns to read them (planted letter_of
         #    84 % after 600 steps alone; inside mixed batches it never left the plateau)
         Phase(read_steps, {"letter_of": 1.0}, {"planted": 1.0}),
+        # 1b. match (off by default): questions naming a letter, planted over the named shape(s) and few others, so
+        #     HR attention learns to find the letter; 1,200 steps did not help (items 12-13 of TRAINING.md)
+        Phase(match_steps, {"colour_of": 0.5, "spatial": 0.25, "letter_of": 0.25}, {"planted": 1.0},
+              find_among=match_shapes),
         # 2. select: the attention loss teaches the LR map to find the target, half the batches still planted
         Phase(select_steps, {"letter_of": 1.0}, {"planted": 0.5, "flex": 0.5}, aux_weight),
         # 3. everything
@@ -950,7 +966,8 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
     print(f"chosen threshold {best}")
     info = {"stage": "stage3_flex", "steps": done, "batch_size": batch_size, "seconds": secs, "lr": lr,
             "aux_weight": aux_weight, "select_all_share": select_all_share,
-            "planted_share": planted_share, "read_steps": read_steps, "select_steps": select_steps, "threshold": best,
+            "planted_share": planted_share, "read_steps": read_steps, "match_steps": match_steps,
+            "match_shapes": match_shapes, "select_steps": select_steps, "threshold": best,
             "threshold_search": {str(t): results[t] for t in thresholds}, "train_images": len(train["meta"])}
     _save_model(model, tokenizer, out, info)
     return info
@@ -1061,6 +1078,10 @@ def main(argv=None):
         p.add_argument("--lr3", type=float, default=1e-3)
         p.add_argument("--aux-weight", type=float, default=0.5)
         p.add_argument("--read-steps", type=int, default=600, help="phase 1: letter_of with planted target masks")
+        p.add_argument("--match-steps", type=int, default=0,
+                       help="phase 1b (off: tried, item 13 of TRAINING.md): letter-naming questions planted over "
+                            "--match-shapes shapes, the named ones among them")
+        p.add_argument("--match-shapes", type=int, default=2)
         p.add_argument("--select-steps", type=int, default=600,
                        help="phase 2: letter_of, half planted, half flex, with the attention loss")
         p.add_argument("--select-all-share", type=float, default=0.1)
@@ -1143,7 +1164,7 @@ def main(argv=None):
         stage3_flex(args.align, args.cache, args.out, args.steps3, args.batch_size3, args.lr3, args.seed,
                     args.max_minutes3, args.aux_weight, args.select_all_share,
                     [float(t) for t in args.thresholds.split(",")], args.read_steps, args.select_steps,
-                    args.planted_share)
+                    args.planted_share, args.match_steps, args.match_shapes)
     if args.stage in ("report", "all"):
         rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
                              getattr(args, "n", None))
