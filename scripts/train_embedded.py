@@ -1067,10 +1067,10 @@ def main(argv=None):
         p.add_argument("--max-minutes-cache", type=float, default=15.0)
 
     def s2a_args(p):
-        p.add_argument("--steps2", type=int, default=2000)
+        p.add_argument("--steps2", type=int, default=3000)
         p.add_argument("--batch-size2", type=int, default=32)
         p.add_argument("--lr2", type=float, default=1e-3)
-        p.add_argument("--max-minutes2", type=float, default=20.0)
+        p.add_argument("--max-minutes2", type=float, default=25.0)
 
     def s3_args(p):
         p.add_argument("--steps3", type=int, default=1400, help="phase 3: the full question mix")
