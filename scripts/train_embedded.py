@@ -699,6 +699,8 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
     mean share of HR tokens attended (layers > S, every answer row), selection recall of the target boxes' HR
     tokens at the last selecting layer; overall and per family."""
     from flexattn.attention import FlexState
+    from flexattn.evaluate import hr_cells
+    from flexattn.synthetic import HR_SIZE
     from flexattn.training import IGNORE
 
     settings = settings or model.flex_settings
@@ -738,13 +740,12 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
                 used = [masks[layer][b, :nrows].float().sum(-1) / (G * G) for layer in range(SELECTION_LAYER, L - 1)]
                 share = float(torch.stack(used).mean())
                 last = masks[L - 2][b, :nrows]  # the mask the last layer attends with
-                target_rows = _row_targets(items[b][2], nrows - 1)
                 hits = tot = 0.0
                 for r in range(nrows - 1):  # answer tokens (not EOS)
-                    t = _hr_target(items[b][2][min(r, len(items[b][2]) - 1)])
+                    boxes = items[b][2][min(r, len(items[b][2]) - 1)]
+                    t = torch.from_numpy(hr_cells(boxes, (HR_SIZE, HR_SIZE), G)).flatten()  # the eval runner's cells
                     hits += float((last[r] & t).sum())
                     tot += float(t.sum())
-                del target_rows
                 recall = hits / max(tot, 1.0)
             elif mode == "select_all":
                 share, recall = 1.0, 1.0
@@ -754,15 +755,6 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
     out.update(_summ(allrec))
     out["families"] = {f: _summ(v) for f, v in sorted(per.items())}
     return out
-
-
-def _hr_target(boxes) -> torch.Tensor:
-    """(G*G,) bool: HR tokens (14-px patches) a box touches."""
-    G = LR_GRID * ZOOM
-    t = torch.zeros(G, G, dtype=torch.bool)
-    for x0, y0, x1, y1 in boxes:
-        t[y0 // 14 : (y1 - 1) // 14 + 1, x0 // 14 : (x1 - 1) // 14 + 1] = True
-    return t.flatten()
 
 
 def _summ(recs) -> dict:
