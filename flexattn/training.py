@@ -3,8 +3,10 @@
 At inference only the last row of a pass sees HR tokens; with teacher forcing every row that predicts an answer
 token is such a "last row", so the training forward marks exactly those rows (`FlexState.rows`). Each gets its
 own selection from its own LR attention, layer by layer, as it would while decoding. The threshold makes that
-selection non-differentiable, so an auxiliary loss pulls each answering row's head-summed LR attention (at the
-selecting layers) onto the cells of the region the answer needs.
+selection non-differentiable, so auxiliary losses stand in for it: `attention_loss` pulls each answering row's
+head-summed LR attention (at the selecting layers) onto the cells of the region the answer needs, and
+`selection_loss` asks the thresholded map itself to cover those cells and nothing else, through a sigmoid in place
+of the threshold.
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ def forward_loss(
     mode: str = "flex",
     aux_weight: float = 0.0,
     planted_selection: torch.Tensor | None = None,
+    select_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on answer tokens (+ aux_weight x attention loss). lr/hr_features: (B, g*g, D) / (B, G*G, D).
+    """Cross-entropy on answer tokens + aux_weight x attention loss + select_weight x selection loss.
+    lr/hr_features: (B, g*g, D) / (B, G*G, D).
 
     planted_selection: (B, R, G*G) masks each row uses instead of its own selection (flex mode), e.g.
     `target_masks(batch, zoom)`; the LR maps still get the attention loss."""
@@ -106,7 +110,7 @@ def forward_loss(
         mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features,
         hr_cos=hr_cos, hr_sin=hr_sin, original_sizes=original_sizes, rows=batch.rows.to(device),
         row_valid=batch.row_valid.to(device),
-        keep_lr_maps=aux_weight > 0, planted_selection=planted_selection,
+        keep_lr_maps=aux_weight > 0 or select_weight > 0, planted_selection=planted_selection,
     )
     logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
     labels = batch.labels.to(device)
@@ -117,6 +121,13 @@ def forward_loss(
         aux = attention_loss(state.lr_maps, batch.target_cells.to(device))
         loss = loss + aux_weight * aux
         stats["aux"] = aux.item()
+    if select_weight > 0 and state.lr_maps and batch.target_cells is not None:
+        # The last layer's map selects for no later layer, so only the maps whose masks are used take part.
+        last = model.config.get_text_config().num_hidden_layers - 1
+        used = [(layer, m) for layer, m in state.lr_maps if layer < last]
+        sel = selection_loss(used, batch.target_cells.to(device), settings.threshold)
+        loss = loss + select_weight * sel
+        stats["sel"] = sel.item()
     return loss, stats
 
 
@@ -134,6 +145,28 @@ def attention_loss(lr_maps, target_cells: torch.Tensor) -> torch.Tensor:
         total = lr_map.flatten(2).sum(-1).clamp_min(1e-6)
         on_target = (lr_map * target_cells).flatten(2).sum(-1)
         losses.append(-torch.log(on_target / total + 1e-6)[has_target])
+    return torch.cat(losses).mean() if losses else torch.zeros(())
+
+
+def selection_loss(lr_maps, target_cells: torch.Tensor, threshold: float, temperature: float = 16.0) -> torch.Tensor:
+    """Class-balanced cross-entropy between each row's selection and its target cells, with the selection made soft:
+    sigmoid((min-max normalised map x 255 - threshold) / temperature) in place of `> threshold`.
+
+    `attention_loss` is content once most attention sits on one target cell, which leaves the rest of the target
+    below the threshold; this loss asks for every target cell above it (recall) and every other cell below
+    (HR share). Padded margins are not handled: training images are square. Mean over layers and rows."""
+    has_target = target_cells.flatten(2).any(-1)  # (B, R)
+    target = target_cells.flatten(2).float()
+    n_on = target.sum(-1).clamp_min(1)
+    n_off = (1 - target).sum(-1).clamp_min(1)
+    losses = []
+    for _, lr_map in lr_maps:
+        flat = lr_map.flatten(2).float()
+        low, high = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
+        logits = ((flat - low) / (high - low).clamp_min(1e-6) * 255 - threshold) / temperature
+        missed = (F.softplus(-logits) * target).sum(-1) / n_on  # -log p(selected) on target cells
+        spilled = (F.softplus(logits) * (1 - target)).sum(-1) / n_off  # -log p(not selected) elsewhere
+        losses.append((missed + spilled)[has_target])
     return torch.cat(losses).mean() if losses else torch.zeros(())
 
 

@@ -611,7 +611,8 @@ def project(model, feats: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Phase:
-    """A stretch of training: how many steps, which questions, which modes (drawn per batch), attention-loss weight.
+    """A stretch of training: how many steps, which questions, which modes (drawn per batch), the weights of the
+    attention loss and of the selection loss (flexattn.training).
 
     Modes: "lowres", "flex", "select_all", or "planted" (flex with each row's ground-truth target as its mask, so
     reading HR tokens is learned even while the model's own selection misses; the LR maps still get the loss).
@@ -622,6 +623,7 @@ class Phase:
     modes: dict[str, float]
     aux_weight: float = 0.0
     find_among: int | None = None
+    select_weight: float = 0.0
 
 
 def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batch_size: int, lr: float, seed: int,
@@ -650,7 +652,7 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
         hr_feats = project(model, cache["hr"][idx]) if mode != "lowres" else None
         loss, stats = forward_loss(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * batch_size,
                                    mode="flex" if planted is not None else mode, aux_weight=phase.aux_weight,
-                                   planted_selection=planted)
+                                   planted_selection=planted, select_weight=phase.select_weight)
         optimiser_step(opt, sched, loss, params)
         done = step + 1
         for k, v in stats.items():
@@ -902,7 +904,7 @@ def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
 
 def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
                 thresholds, read_steps: int = 0, select_steps: int = 0, planted_share: float = 0.0,
-                match_steps: int = 0, match_shapes: int = 2) -> dict:
+                match_steps: int = 0, match_shapes: int = 2, select_weight: float = 0.0) -> dict:
     from flexattn.loading import load as load_model
     from flexattn.synthetic import build_tokenizer
 
@@ -937,10 +939,11 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
         Phase(match_steps, {"colour_of": 0.5, "spatial": 0.25, "letter_of": 0.25}, {"planted": 1.0},
               find_among=match_shapes),
         # 2. select: the attention loss teaches the LR map to find the target, half the batches still planted
-        Phase(select_steps, {"letter_of": 1.0}, {"planted": 0.5, "flex": 0.5}, aux_weight),
+        Phase(select_steps, {"letter_of": 1.0}, {"planted": 0.5, "flex": 0.5}, aux_weight,
+              select_weight=select_weight),
         # 3. everything
         Phase(steps, STAGE3_MIX, {"flex": 1 - select_all_share - planted_share, "select_all": select_all_share,
-                                  "planted": planted_share}, aux_weight),
+                                  "planted": planted_share}, aux_weight, select_weight=select_weight),
     ]
     done, secs = train_loop(model, tokenizer, train, stage="stage3 flex", phases=phases, batch_size=batch_size, lr=lr,
                             seed=seed, max_minutes=max_minutes, params=params, eval_fn=eval_fn, eval_every=250,
@@ -957,7 +960,7 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
     model.config.flex_attention = flex_settings(best).to_dict()
     print(f"chosen threshold {best}")
     info = {"stage": "stage3_flex", "steps": done, "batch_size": batch_size, "seconds": secs, "lr": lr,
-            "aux_weight": aux_weight, "select_all_share": select_all_share,
+            "aux_weight": aux_weight, "select_weight": select_weight, "select_all_share": select_all_share,
             "planted_share": planted_share, "read_steps": read_steps, "match_steps": match_steps,
             "match_shapes": match_shapes, "select_steps": select_steps, "threshold": best,
             "threshold_search": {str(t): results[t] for t in thresholds}, "train_images": len(train["meta"])}
@@ -1069,6 +1072,9 @@ def main(argv=None):
         p.add_argument("--batch-size3", type=int, default=16)
         p.add_argument("--lr3", type=float, default=1e-3)
         p.add_argument("--aux-weight", type=float, default=0.5)
+        p.add_argument("--select-weight", type=float, default=0.0,
+                       help="phases 2-3: weight of the selection loss (soft-thresholded LR map against the target "
+                            "cells); off: it raises recall and lowers accuracy, item 16 of TRAINING.md")
         p.add_argument("--read-steps", type=int, default=600, help="phase 1: letter_of with planted target masks")
         p.add_argument("--match-steps", type=int, default=0,
                        help="phase 1b (off: tried, item 13 of TRAINING.md): letter-naming questions planted over "
@@ -1156,7 +1162,7 @@ def main(argv=None):
         stage3_flex(args.align, args.cache, args.out, args.steps3, args.batch_size3, args.lr3, args.seed,
                     args.max_minutes3, args.aux_weight, args.select_all_share,
                     [float(t) for t in args.thresholds.split(",")], args.read_steps, args.select_steps,
-                    args.planted_share, args.match_steps, args.match_shapes)
+                    args.planted_share, args.match_steps, args.match_shapes, args.select_weight)
     if args.stage in ("report", "all"):
         rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
                              getattr(args, "n", None))

@@ -4,7 +4,8 @@ semantics, batched."""
 import pytest
 import torch
 
-from flexattn.training import attention_loss, box_cells, collate, forward_loss, target_masks
+from flexattn.attention import select_hr_tokens
+from flexattn.training import attention_loss, box_cells, collate, forward_loss, selection_loss, target_masks
 
 from .conftest import make_vlm, random_image
 
@@ -55,6 +56,28 @@ def test_attention_loss_prefers_attention_on_target():
     assert attention_loss([(2, on)], target) < attention_loss([(2, off)], target)
 
 
+def test_selection_loss_asks_for_the_whole_target_above_the_threshold():
+    """A map that puts most attention on one target cell pleases the attention loss; the selection loss prefers the
+    map whose thresholded selection (the inference rule) is exactly the target, and its gradient moves toward it."""
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    target[0, 0, 1, 1:3] = True
+    peaked = torch.full((1, 1, 4, 4), 0.01)
+    peaked[0, 0, 1, 1], peaked[0, 0, 1, 2] = 1.0, 0.05
+    covering = torch.full((1, 1, 4, 4), 0.01)
+    covering[0, 0, 1, 1:3] = 0.5
+    threshold = 64.0
+
+    def selected(lr_map):  # the inference rule, identity pooling
+        return select_hr_tokens(lr_map[0], (4, 4), threshold, 4, 4).reshape(4, 4)
+
+    assert torch.equal(selected(covering), target[0, 0]) and not torch.equal(selected(peaked), target[0, 0])
+    assert attention_loss([(2, peaked)], target) < attention_loss([(2, covering)], target)
+    assert selection_loss([(2, covering)], target, threshold) < selection_loss([(2, peaked)], target, threshold)
+    peaked.requires_grad_(True)
+    selection_loss([(2, peaked)], target, threshold).backward()
+    assert peaked.grad[0, 0, 1, 2] < 0  # raise the missed target cell
+
+
 def test_box_cells_account_for_square_padding():
     # 200x100 image padded to 200x200: y offset 50; LR grid 4 -> 50 px cells.
     cells = box_cells((0, 0, 40, 40), (200, 100), 4)
@@ -77,13 +100,13 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     before = model.model.language_model.layers[3].self_attn.k_proj_hd.weight.detach().clone()
     losses = []
     for _ in range(8):
-        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, aux_weight=0.5)
+        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, aux_weight=0.5, select_weight=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     model.eval()
-    assert losses[-1] < losses[0] and "aux" in stats
+    assert losses[-1] < losses[0] and "aux" in stats and "sel" in stats
     assert not torch.equal(before, model.model.language_model.layers[3].self_attn.k_proj_hd.weight)
 
 
