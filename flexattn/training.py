@@ -81,6 +81,35 @@ def collate(tokenizer, examples, lr_grid: int, row_targets=None) -> Batch:
     return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells)
 
 
+def teacher_forced(
+    model,
+    batch: Batch,
+    lr_features: torch.Tensor,
+    hr_features: torch.Tensor | None,
+    settings: FlexSettings,
+    original_sizes,
+    mode: str = "flex",
+    **state_options,
+) -> tuple[torch.Tensor, FlexState]:
+    """One forward over a batch with the image's LR features spliced in and each answer row as an HR row:
+    (logits, the pass's FlexState). state_options go to FlexState (keep_lr_maps, planted_selection, ...)."""
+    device = lr_features.device
+    g = int(round(lr_features.shape[1] ** 0.5))
+    embeds = model.get_input_embeddings()(batch.input_ids.to(device))
+    start = batch.image_start
+    embeds = torch.cat([embeds[:, :start], lr_features.to(embeds.dtype), embeds[:, start + g * g :]], dim=1)
+    hr_cos = hr_sin = None
+    if mode != "lowres":
+        hr_cos, hr_sin = model.hr_rotary_tables(start, g, g * settings.zoom)
+    state = FlexState(
+        mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features,
+        hr_cos=hr_cos, hr_sin=hr_sin, original_sizes=original_sizes, rows=batch.rows.to(device),
+        row_valid=batch.row_valid.to(device), **state_options,
+    )
+    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
+    return logits, state
+
+
 def forward_loss(
     model,
     batch: Batch,
@@ -99,20 +128,9 @@ def forward_loss(
     planted_selection: (B, R, G*G) masks each row uses instead of its own selection (flex mode), e.g.
     `target_masks(batch, zoom)`; the LR maps still get the attention loss."""
     device = lr_features.device
-    g = int(round(lr_features.shape[1] ** 0.5))
-    embeds = model.get_input_embeddings()(batch.input_ids.to(device))
-    start = batch.image_start
-    embeds = torch.cat([embeds[:, :start], lr_features.to(embeds.dtype), embeds[:, start + g * g :]], dim=1)
-    hr_cos = hr_sin = None
-    if mode != "lowres":
-        hr_cos, hr_sin = model.hr_rotary_tables(start, g, g * settings.zoom)
-    state = FlexState(
-        mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features,
-        hr_cos=hr_cos, hr_sin=hr_sin, original_sizes=original_sizes, rows=batch.rows.to(device),
-        row_valid=batch.row_valid.to(device),
-        keep_lr_maps=aux_weight > 0 or select_weight > 0, planted_selection=planted_selection,
-    )
-    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
+    logits, state = teacher_forced(model, batch, lr_features, hr_features, settings, original_sizes, mode,
+                                   keep_lr_maps=aux_weight > 0 or select_weight > 0,
+                                   planted_selection=planted_selection)
     labels = batch.labels.to(device)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
     stats = {"ce": ce.item()}

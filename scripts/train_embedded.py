@@ -675,35 +675,15 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
 # ---- fast held-out evaluation (teacher forcing == greedy decoding) ----------------------------------------
 
 
-class ShiftedState:
-    """Wraps FlexState.select so every mask is displaced by `shift` HR cells to the right (wrapping)."""
-
-    def __init__(self, shift: int):
-        self.shift = shift
-
-    def __call__(self, state):
-        original = state.select
-        G = state.hr_grid
-
-        def select(lr_map):
-            m = original(lr_map)
-            b, r, _ = m.shape
-            return m.reshape(b, r, G, G).roll(self.shift, dims=3).reshape(b, r, G * G)
-
-        state.select = select
-        return state
-
-
 @torch.no_grad()
 def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch_size: int = 50,
                         shift: int = 0, limit: int | None = None) -> dict:
     """Exact-match accuracy (every answer row's argmax right, EOS included == greedy decoding's exact match),
     mean share of HR tokens attended (layers > S, every answer row), selection recall of the target boxes' HR
     tokens at the last selecting layer; overall and per family."""
-    from flexattn.attention import FlexState
     from flexattn.evaluate import hr_cells
     from flexattn.synthetic import HR_SIZE
-    from flexattn.training import IGNORE
+    from flexattn.training import IGNORE, teacher_forced
 
     settings = settings or model.flex_settings
     model.eval()
@@ -717,18 +697,9 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
         batch = make_batch(tokenizer, items)
         lr_feats = project(model, cache["lr"][idx])
         hr_feats = project(model, cache["hr"][idx]) if mode != "lowres" else None
-        start = batch.image_start
-        embeds = model.get_input_embeddings()(batch.input_ids)
-        embeds = torch.cat([embeds[:, :start], lr_feats, embeds[:, start + LR_GRID**2 :]], 1)
-        cos = sin = None
-        if mode != "lowres":
-            cos, sin = model.hr_rotary_tables(start, LR_GRID, G)
-        state = FlexState(mode=mode, settings=settings, image_start=start, lr_grid=LR_GRID, hr_features=hr_feats,
-                          hr_cos=cos, hr_sin=sin, original_sizes=[(336, 336)] * len(idx), rows=batch.rows,
-                          row_valid=batch.row_valid, keep_lr_maps=mode != "lowres")
-        if shift:
-            ShiftedState(shift)(state)
-        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, flex_state=state).logits
+        # shift: every mask rolled right by `shift` HR cells (wrapping), the shifted-mask control
+        logits, state = teacher_forced(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * len(idx), mode,
+                                       keep_lr_maps=mode != "lowres", shift_selection=(0, shift) if shift else None)
         pred = logits[:, :-1].argmax(-1)
         gold = batch.labels[:, 1:]
         ok = ((pred == gold) | (gold == IGNORE)).all(1)
@@ -881,7 +852,7 @@ def stage2_align(tower_dir, cache_dir, out, steps, batch_size, lr, seed, max_min
 
 @torch.no_grad()
 def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
-    from flexattn.training import IGNORE
+    from flexattn.training import IGNORE, teacher_forced
 
     rng = random.Random(seed + 99)
     model.eval()
@@ -891,11 +862,8 @@ def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
         if not idx:
             break
         batch = make_batch(tokenizer, items)
-        lr_feats = project(model, cache["lr"][idx])
-        s = batch.image_start
-        embeds = model.get_input_embeddings()(batch.input_ids)
-        embeds = torch.cat([embeds[:, :s], lr_feats, embeds[:, s + LR_GRID**2 :]], 1)
-        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+        logits, _ = teacher_forced(model, batch, project(model, cache["lr"][idx]), None, model.flex_settings,
+                                   [(336, 336)] * len(idx), mode="lowres")
         pred, gold = logits[:, :-1].argmax(-1), batch.labels[:, 1:]
         ok += int(((pred == gold) | (gold == IGNORE)).all(1).sum())
         tot += len(idx)

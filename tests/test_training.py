@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from flexattn.attention import select_hr_tokens
-from flexattn.training import attention_loss, box_cells, collate, forward_loss, selection_loss, target_masks
+from flexattn.training import (
+    attention_loss, box_cells, collate, forward_loss, selection_loss, target_masks, teacher_forced,
+)
 
 from .conftest import make_vlm, random_image
 
@@ -28,17 +30,7 @@ def test_teacher_forced_rows_reproduce_cached_decoding():
     sizes = [p.views.original_size for p in prepared]
     with torch.no_grad():
         loss, stats = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes)
-        # the same forward, returning logits at the answer rows
-        from flexattn.attention import FlexState
-
-        g = prepared[0].lr_grid
-        embeds = vlm.model.get_input_embeddings()(batch.input_ids)
-        s = batch.image_start
-        embeds = torch.cat([embeds[:, :s], lr, embeds[:, s + g * g :]], dim=1)
-        cos, sin = vlm.model.hr_rotary_tables(s, g, g * 3)
-        state = FlexState(mode="flex", settings=vlm.settings, image_start=s, lr_grid=g, hr_features=hr, hr_cos=cos,
-                          hr_sin=sin, original_sizes=sizes, rows=batch.rows, row_valid=batch.row_valid)
-        logits = vlm.model(inputs_embeds=embeds, attention_mask=batch.attention_mask, flex_state=state).logits
+        logits, _ = teacher_forced(vlm.model, batch, lr, hr, vlm.settings, sizes)  # forward_loss's own forward
     for i, ids in enumerate(decoded):
         rows = batch.rows[i][batch.row_valid[i]]
         predicted = logits[i, rows].argmax(-1).tolist()
