@@ -96,6 +96,8 @@ class FlexState:
         shift_selection: optional (rows, cols) by which every selected mask is rolled over the HR grid: a control
             showing that answers depend on *where* the selection is, not on how much is selected.
         keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
+        keep_hr_maps: keep each HR-attending layer's (B, H, R, G*G) attention probabilities over the HR tokens, with
+            grad, in `hr_maps` (training with a batch tensor of HR features, whose tokens are all G*G in order).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class FlexState:
         row_valid: torch.Tensor | None = None,
         recorder=None,
         keep_lr_maps: bool = False,
+        keep_hr_maps: bool = False,
         planted_selection: torch.Tensor | None = None,
         shift_selection: tuple[int, int] | None = None,
         avl=None,
@@ -134,7 +137,9 @@ class FlexState:
         self.planted_selection = planted_selection
         self.shift_selection = shift_selection
         self.avl = avl  # flexattn.avl.AVLCache, also passed to generate as past_key_values
+        self.keep_hr_maps = keep_hr_maps
         self.lr_maps: list[tuple[int, torch.Tensor]] = []
+        self.hr_maps: list[tuple[int, torch.Tensor]] = []
         self.pass_index = -1
         self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
         self._attended: dict[tuple[int, int], torch.Tensor] = {}  # (pass, layer) -> HR tokens the last row saw
@@ -286,6 +291,8 @@ def flex_attention_forward(
     if state.mode != "lowres" and layer > settings.selection_layer and state.hr_mask is not None:
         output, hr_probs = _attend_hr(module, state, rows, q_rows, scores, values, output, scaling)
         state._attended[(state.pass_index, layer)] = state.hr_mask[0, -1].sum()
+        if state.keep_hr_maps:
+            state.hr_maps.append((layer, hr_probs))
 
     if state.recorder is not None:
         state.recorder.record(state, layer, lr_map, hr_probs)

@@ -257,10 +257,13 @@ def _shape_box(kind: str, cx: int, cy: int, r: int) -> tuple[int, int, int, int]
     return (int(np.floor(min(xs))), int(np.floor(min(ys))), int(np.ceil(max(xs))) + 1, int(np.ceil(max(ys))) + 1)
 
 
-def _glyph_origin(cx: int, cy: int) -> tuple[int, int]:
-    # Glyph pixels occupy [x0, x0+5) x [y0, y0+7); for a patch centre 14k+7 that is 14k+5..14k+9
-    # horizontally and 14k+4..14k+10 vertically: 4-5 px of margin inside the patch.
-    return cx - GLYPH_W // 2, cy - GLYPH_H // 2 - 1
+def glyph_box(cx: int, cy: int) -> tuple[int, int, int, int]:
+    """The pixels (x0, y0, x1, y1) of the letter glyph drawn on a shape centred at (cx, cy).
+
+    [x0, x0+5) x [y0, y0+7); for a patch centre 14k+7 that is 14k+5..14k+9 horizontally and 14k+4..14k+10
+    vertically: 4-5 px of margin inside the patch."""
+    x0, y0 = cx - GLYPH_W // 2, cy - GLYPH_H // 2 - 1
+    return x0, y0, x0 + GLYPH_W, y0 + GLYPH_H
 
 
 def render_scene(
@@ -282,7 +285,6 @@ def render_scene(
         fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter))
         _draw_shape(draw, kind, cx, cy, r, fill)
         _draw_shape(mdraw, kind, cx, cy, r, i + 1)
-        gx, gy = _glyph_origin(cx, cy)
         shapes.append(
             Shape(
                 kind=kind,
@@ -291,7 +293,7 @@ def render_scene(
                 centre=(cx, cy),
                 radius=r,
                 box=_shape_box(kind, cx, cy, r),
-                letter_box=(gx, gy, gx + GLYPH_W, gy + GLYPH_H),
+                letter_box=glyph_box(cx, cy),
             )
         )
     arr = np.asarray(img, dtype=np.float32).copy()

@@ -6,7 +6,8 @@ own selection from its own LR attention, layer by layer, as it would while decod
 selection non-differentiable, so auxiliary losses stand in for it: `attention_loss` pulls each answering row's
 head-summed LR attention (at the selecting layers) onto the cells of the region the answer needs, and
 `selection_loss` asks the thresholded map itself to cover those cells and nothing else, through a sigmoid in place
-of the threshold.
+of the threshold. Past selection, `reading_loss` asks each answering row's HR attention to find the HR tokens its
+answer is on (the glyph of the letter a question names, among every selected glyph).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Batch:
     row_valid: torch.Tensor  # (B, R) bool, False on padding
     image_start: int
     target_cells: torch.Tensor | None  # (B, R, g, g) bool: LR cells each row should look at
+    read_cells: torch.Tensor | None = None  # (B, R, G*G) bool: HR tokens each row should read its answer from
 
 
 def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
@@ -41,9 +43,10 @@ def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], li
     return before, after, answer_ids
 
 
-def collate(tokenizer, examples, lr_grid: int, row_targets=None) -> Batch:
+def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None) -> Batch:
     """examples: (question, answer) pairs; row_targets[i][k]: (g, g) bool cells the row predicting answer token k
-    should attend to (or None); the row predicting EOS may be given one too."""
+    should attend to (or None); the row predicting EOS may be given one too. row_reads[i][k]: likewise, (G, G)
+    bool HR tokens that row should read (or None)."""
     encoded = [encode_example(tokenizer, q, a) for q, a in examples]
     starts = {len(before) for before, _, _ in encoded}
     if len(starts) != 1:
@@ -71,14 +74,25 @@ def collate(tokenizer, examples, lr_grid: int, row_targets=None) -> Batch:
         mask[i, : len(ids)] = 1
         row_t[i] = torch.tensor(r + [r[-1]] * (width - len(r)))
         valid[i, : len(r)] = True
-    cells = None
-    if row_targets is not None:  # padding rows keep no target, so they add nothing to the attention loss
-        cells = torch.zeros(len(seqs), width, lr_grid, lr_grid, dtype=torch.bool)
-        for i, per_row in enumerate(row_targets):
+
+    def per_row_cells(per_example, shape):  # padding rows keep no target, so they add nothing to a loss
+        cells = torch.zeros(len(seqs), width, *shape, dtype=torch.bool)
+        for i, per_row in enumerate(per_example):
             for k, target in enumerate(per_row[: len(rows[i])]):
                 if target is not None:
-                    cells[i, k] = torch.as_tensor(target, dtype=torch.bool)
-    return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells)
+                    cells[i, k] = torch.as_tensor(target, dtype=torch.bool).reshape(shape)
+        return cells
+
+    cells = per_row_cells(row_targets, (lr_grid, lr_grid)) if row_targets is not None else None
+    reads = None
+    if row_reads is not None:
+        sides = {torch.as_tensor(t).shape[-1] for per_row in row_reads for t in per_row if t is not None}
+        if len(sides) > 1:
+            raise ValueError(f"row_reads mixes HR grids {sorted(sides)}")
+        if sides:  # else no row reads anything: no read cells
+            side = sides.pop()
+            reads = per_row_cells(row_reads, (side, side)).flatten(2)
+    return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells, reads)
 
 
 def teacher_forced(
@@ -121,8 +135,10 @@ def forward_loss(
     aux_weight: float = 0.0,
     planted_selection: torch.Tensor | None = None,
     select_weight: float = 0.0,
+    read_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on answer tokens + aux_weight x attention loss + select_weight x selection loss.
+    """Cross-entropy on answer tokens + aux_weight x attention loss + select_weight x selection loss
+    + read_weight x reading loss (needs `batch.read_cells`).
     lr/hr_features: (B, g*g, D) / (B, G*G, D).
 
     planted_selection: (B, R, G*G) masks each row uses instead of its own selection (flex mode), e.g.
@@ -130,7 +146,7 @@ def forward_loss(
     device = lr_features.device
     logits, state = teacher_forced(model, batch, lr_features, hr_features, settings, original_sizes, mode,
                                    keep_lr_maps=aux_weight > 0 or select_weight > 0,
-                                   planted_selection=planted_selection)
+                                   keep_hr_maps=read_weight > 0, planted_selection=planted_selection)
     labels = batch.labels.to(device)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
     stats = {"ce": ce.item()}
@@ -146,6 +162,10 @@ def forward_loss(
         sel = selection_loss(used, batch.target_cells.to(device), settings.threshold)
         loss = loss + select_weight * sel
         stats["sel"] = sel.item()
+    if read_weight > 0 and state.hr_maps and batch.read_cells is not None:
+        read = reading_loss(state.hr_maps, batch.read_cells.to(device))
+        loss = loss + read_weight * read
+        stats["read"] = read.item()
     return loss, stats
 
 
@@ -163,6 +183,23 @@ def attention_loss(lr_maps, target_cells: torch.Tensor) -> torch.Tensor:
         total = lr_map.flatten(2).sum(-1).clamp_min(1e-6)
         on_target = (lr_map * target_cells).flatten(2).sum(-1)
         losses.append(-torch.log(on_target / total + 1e-6)[has_target])
+    return torch.cat(losses).mean() if losses else torch.zeros(())
+
+
+def reading_loss(hr_maps, read_cells: torch.Tensor) -> torch.Tensor:
+    """Mean over HR-attending layers and rows of -log(share of the row's attention, mean over heads, that falls on
+    the HR tokens it should read), for rows whose mask holds at least one of them.
+
+    Selection brings the named shape's region (or, for a question that names a letter, every shape) into view; the
+    answer still needs the row to find the one HR token that carries it, e.g. the glyph of the letter the question
+    names among all selected glyphs. The cross-entropy teaches that only through the answer; this loss asks for it
+    directly, as `attention_loss` does for the LR map."""
+    losses = []
+    for _, probs in hr_maps:  # (B, H, R, G*G), zero on unselected tokens
+        mean = probs.float().mean(1)  # (B, R, G*G)
+        visible = (read_cells & (mean > 0)).any(-1)  # a read token the mask let through
+        on_read = (mean * read_cells).sum(-1)
+        losses.append(-torch.log(on_read + 1e-6)[visible])
     return torch.cat(losses).mean() if losses else torch.zeros(())
 
 

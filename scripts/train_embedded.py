@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -486,32 +487,52 @@ FIND_BY_LETTER = ("colour_of", "spatial")
 SPATIAL_ANSWERS_ = ("left", "right")
 
 
-def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | None = None):
-    """(question, answer, per-answer-token selection targets as boxes) for a kind, or None if the image does not
-    allow it. Targets: the shape(s) the token needs (the EOS row gets the last token's); for FIND_BY_LETTER every
-    shape, or with `find_among` the named shape(s) plus random others, `find_among` shapes in all (a curriculum
-    for finding a letter among few shapes before many)."""
+class Question(NamedTuple):
+    """A training or evaluation question. targets: per answer token, the boxes its LR map should find (the
+    selection target); reads: per answer token, the centres of the glyphs it should read among the HR tokens,
+    or None for LR-answerable (control) questions."""
+
+    question: str
+    answer: str
+    targets: list
+    reads: list | None
+
+
+# Questions whose answer is on an HR glyph (the others are LR-answerable controls): they get the reading loss.
+READ_KINDS = ("letter_of", "colour_of", "spatial", "reading")
+
+
+def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | None = None) -> Question | None:
+    """The question of a kind for an image, or None if the image does not allow it. Targets: the shape(s) the
+    token needs (the EOS row gets the last token's); for FIND_BY_LETTER every shape, or with `find_among` the named
+    shape(s) plus random others, `find_among` shapes in all (a curriculum for finding a letter among few shapes
+    before many). Reads: the glyphs of the shape(s) the token needs, whatever the selection target."""
     got = _question(meta, kind, rng)
-    if got is None or kind not in FIND_BY_LETTER:
-        return got
-    boxes = [s["box"] for s in meta["shapes"]]
-    if find_among is not None:
-        named = got[2][0]
-        others = [b for b in boxes if b not in named]
-        rng.shuffle(others)
-        boxes = named + others[: max(0, find_among - len(named))]
-    return got[0], got[1], [boxes]
+    if got is None:
+        return None
+    question, answer, named = got
+    boxes = [[s["box"] for s in shapes] for shapes in named]
+    reads = [[s["centre"] for s in shapes] for shapes in named] if kind in READ_KINDS else None
+    if kind in FIND_BY_LETTER:
+        every = [s["box"] for s in meta["shapes"]]
+        if find_among is not None:
+            others = [b for b in every if b not in boxes[0]]
+            rng.shuffle(others)
+            every = boxes[0] + others[: max(0, find_among - len(boxes[0]))]
+        boxes = [every]
+    return Question(question, answer, boxes, reads)
 
 
 def _question(meta: dict, kind: str, rng: random.Random):
+    """(question, answer, per answer token the shapes it needs) or None."""
     shapes = meta["shapes"]
     n = len(shapes)
     if kind == "letter_of":
         s = shapes[rng.randrange(n)]
-        return f"what letter is on the {s['colour']} {s['kind']} ?", s["letter"], [[s["box"]]]
+        return f"what letter is on the {s['colour']} {s['kind']} ?", s["letter"], [[s]]
     if kind == "colour_of":
         s = shapes[rng.randrange(n)]
-        return f"what colour is the shape marked {s['letter']} ?", s["colour"], [[s["box"]]]
+        return f"what colour is the shape marked {s['letter']} ?", s["colour"], [[s]]
     if kind in ("spatial", "ctl_spatial"):
         pairs = [(i, j) for i in range(n) for j in range(n) if i != j and _clearly_left(shapes[i], shapes[j])]
         if not pairs:
@@ -523,13 +544,13 @@ def _question(meta: dict, kind: str, rng: random.Random):
             q = f"is the {a['letter']} left or right of the {b['letter']} ?"
         else:
             q = f"is the {a['colour']} {a['kind']} left or right of the {b['colour']} {b['kind']} ?"
-        return q, side, [[a["box"], b["box"]]]
+        return q, side, [[a, b]]
     if kind == "reading":
         if meta["family"] != "reading":
             return None  # only reading images keep shapes apart horizontally
         order = sorted(range(n), key=lambda i: shapes[i]["centre"][0])
         return ("read the letters on the shapes from left to right .",
-                " ".join(shapes[i]["letter"] for i in order), [[shapes[i]["box"]] for i in order])
+                " ".join(shapes[i]["letter"] for i in order), [[shapes[i]] for i in order])
     if kind in ("ctl_colour", "ctl_shape"):  # the only shape of its kind (colour): ask its colour (kind)
         key, asked = ("kind", "colour") if kind == "ctl_colour" else ("colour", "kind")
         values = [s[key] for s in shapes]
@@ -538,7 +559,7 @@ def _question(meta: dict, kind: str, rng: random.Random):
             return None
         s = unique[rng.randrange(len(unique))]
         q = f"what colour is the {s['kind']} ?" if kind == "ctl_colour" else f"what shape is the {s['colour']} shape ?"
-        return q, s[asked], [[s["box"]]]
+        return q, s[asked], [[s]]
     raise ValueError(kind)
 
 
@@ -569,19 +590,22 @@ def draw_batch(cache, mix: dict[str, float], rng: random.Random, size: int, imag
     return idx, items
 
 
-def own_question(meta: dict):
-    """The generator's own question for a (held-out) image, with its target boxes per answer token."""
-    shapes = meta["shapes"]
-    boxes = [shapes[i]["box"] for i in meta["targets"]]
-    if meta["kind"] == "reading":
-        return meta["question"], meta["answer"], [[b] for b in boxes]
-    return meta["question"], meta["answer"], [boxes]
+def own_question(meta: dict) -> Question:
+    """The generator's own question for a (held-out) image, with its true target boxes and glyphs per answer token."""
+    shapes = [meta["shapes"][i] for i in meta["targets"]]
+    per_token = [[s] for s in shapes] if meta["kind"] == "reading" else [shapes]
+    return Question(meta["question"], meta["answer"], [[s["box"] for s in t] for t in per_token],
+                    [[s["centre"] for s in t] for t in per_token])
+
+
+def _per_row(per_token: list, n_answer_tokens: int) -> list:
+    """One entry per answer row: the EOS row (and any extra) repeats the last token's."""
+    return (per_token + [per_token[-1]] * (n_answer_tokens + 1 - len(per_token)))[: n_answer_tokens + 1]
 
 
 def _row_targets(target_boxes, n_answer_tokens: int):
-    from flexattn.training import box_cells
-
     from flexattn.synthetic import HR_SIZE
+    from flexattn.training import box_cells
 
     cells = []
     for boxes in target_boxes:
@@ -589,17 +613,29 @@ def _row_targets(target_boxes, n_answer_tokens: int):
         for box in boxes:
             c |= box_cells(box, (HR_SIZE, HR_SIZE), LR_GRID)
         cells.append(c)
-    cells = cells + [cells[-1]] * (n_answer_tokens + 1 - len(cells))  # EOS row (and any extra) -> last target
-    return cells[: n_answer_tokens + 1]
+    return _per_row(cells, n_answer_tokens)
 
 
-def make_batch(tokenizer, items):
-    """items: (question, answer, target_boxes) -> training.Batch with per-row target cells."""
+def _row_reads(glyph_centres, n_answer_tokens: int):
+    """Per answer row, the (G, G) HR tokens its glyph(s) touch, or None rows for a question without reads."""
+    from flexattn.evaluate import hr_cells
+    from flexattn.synthetic import HR_SIZE, glyph_box
+
+    if glyph_centres is None:
+        return [None] * (n_answer_tokens + 1)
+    G = LR_GRID * ZOOM
+    cells = [hr_cells([glyph_box(*c) for c in centres], (HR_SIZE, HR_SIZE), G) for centres in glyph_centres]
+    return _per_row(cells, n_answer_tokens)
+
+
+def make_batch(tokenizer, items: list[Question]):
+    """Questions -> training.Batch with per-row target cells (LR) and read cells (HR glyphs)."""
     from flexattn.training import collate
 
-    examples = [(q, a) for q, a, _ in items]
-    targets = [_row_targets(t, len(a.split())) for _, a, t in items]
-    return collate(tokenizer, examples, LR_GRID, row_targets=targets)
+    examples = [(q.question, q.answer) for q in items]
+    targets = [_row_targets(q.targets, len(q.answer.split())) for q in items]
+    reads = [_row_reads(q.reads, len(q.answer.split())) for q in items]
+    return collate(tokenizer, examples, LR_GRID, row_targets=targets, row_reads=reads)
 
 
 # ---- training loop ---------------------------------------------------------------------------------------
@@ -612,7 +648,7 @@ def project(model, feats: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Phase:
     """A stretch of training: how many steps, which questions, which modes (drawn per batch), the weights of the
-    attention loss and of the selection loss (flexattn.training).
+    attention loss, the selection loss and the reading loss (flexattn.training).
 
     Modes: "lowres", "flex", "select_all", or "planted" (flex with each row's ground-truth target as its mask, so
     reading HR tokens is learned even while the model's own selection misses; the LR maps still get the loss).
@@ -624,6 +660,7 @@ class Phase:
     aux_weight: float = 0.0
     find_among: int | None = None
     select_weight: float = 0.0
+    read_weight: float = 0.0
 
 
 def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batch_size: int, lr: float, seed: int,
@@ -652,7 +689,8 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
         hr_feats = project(model, cache["hr"][idx]) if mode != "lowres" else None
         loss, stats = forward_loss(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * batch_size,
                                    mode="flex" if planted is not None else mode, aux_weight=phase.aux_weight,
-                                   planted_selection=planted, select_weight=phase.select_weight)
+                                   planted_selection=planted, select_weight=phase.select_weight,
+                                   read_weight=phase.read_weight)
         optimiser_step(opt, sched, loss, params)
         done = step + 1
         for k, v in stats.items():
@@ -715,7 +753,7 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
                 last = masks[L - 2][b, :nrows]  # the mask the last layer attends with
                 hits = tot = 0.0
                 for r in range(nrows - 1):  # answer tokens (not EOS)
-                    boxes = items[b][2][min(r, len(items[b][2]) - 1)]
+                    boxes = items[b].targets[min(r, len(items[b].targets) - 1)]
                     t = torch.from_numpy(hr_cells(boxes, (HR_SIZE, HR_SIZE), G)).flatten()  # the eval runner's cells
                     hits += float((last[r] & t).sum())
                     tot += float(t.sum())
@@ -872,7 +910,8 @@ def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
 
 def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
                 thresholds, read_steps: int = 0, select_steps: int = 0, planted_share: float = 0.0,
-                match_steps: int = 0, match_shapes: int = 2, select_weight: float = 0.0) -> dict:
+                match_steps: int = 0, match_shapes: int = 2, select_weight: float = 0.0,
+                read_weight: float = 0.0) -> dict:
     from flexattn.loading import load as load_model
     from flexattn.synthetic import build_tokenizer
 
@@ -901,17 +940,18 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
     phases = [
         # 1. read: rows see exactly their target's HR tokens; the model learns to read them (planted letter_of
         #    84 % after 600 steps alone; inside mixed batches it never left the plateau)
-        Phase(read_steps, {"letter_of": 1.0}, {"planted": 1.0}),
+        Phase(read_steps, {"letter_of": 1.0}, {"planted": 1.0}, read_weight=read_weight),
         # 1b. match (off by default): questions naming a letter, planted over the named shape(s) and few others, so
         #     HR attention learns to find the letter; 1,200 steps did not help (items 12-13 of TRAINING.md)
         Phase(match_steps, {"colour_of": 0.5, "spatial": 0.25, "letter_of": 0.25}, {"planted": 1.0},
-              find_among=match_shapes),
+              find_among=match_shapes or None, read_weight=read_weight),
         # 2. select: the attention loss teaches the LR map to find the target, half the batches still planted
         Phase(select_steps, {"letter_of": 1.0}, {"planted": 0.5, "flex": 0.5}, aux_weight,
-              select_weight=select_weight),
+              select_weight=select_weight, read_weight=read_weight),
         # 3. everything
         Phase(steps, STAGE3_MIX, {"flex": 1 - select_all_share - planted_share, "select_all": select_all_share,
-                                  "planted": planted_share}, aux_weight, select_weight=select_weight),
+                                  "planted": planted_share}, aux_weight, select_weight=select_weight,
+              read_weight=read_weight),
     ]
     done, secs = train_loop(model, tokenizer, train, stage="stage3 flex", phases=phases, batch_size=batch_size, lr=lr,
                             seed=seed, max_minutes=max_minutes, params=params, eval_fn=eval_fn, eval_every=250,
@@ -928,7 +968,8 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
     model.config.flex_attention = flex_settings(best).to_dict()
     print(f"chosen threshold {best}")
     info = {"stage": "stage3_flex", "steps": done, "batch_size": batch_size, "seconds": secs, "lr": lr,
-            "aux_weight": aux_weight, "select_weight": select_weight, "select_all_share": select_all_share,
+            "aux_weight": aux_weight, "select_weight": select_weight, "read_weight": read_weight,
+            "select_all_share": select_all_share,
             "planted_share": planted_share, "read_steps": read_steps, "match_steps": match_steps,
             "match_shapes": match_shapes, "select_steps": select_steps, "threshold": best,
             "threshold_search": {str(t): results[t] for t in thresholds}, "train_images": len(train["meta"])}
@@ -1043,11 +1084,15 @@ def main(argv=None):
         p.add_argument("--select-weight", type=float, default=0.0,
                        help="phases 2-3: weight of the selection loss (soft-thresholded LR map against the target "
                             "cells); off: it raises recall and lowers accuracy, item 16 of TRAINING.md")
+        p.add_argument("--read-weight", type=float, default=0.0,
+                       help="every phase: weight of the reading loss (each answer row's HR attention on the glyph "
+                            "it needs); off: it teaches finding a named letter, and flex still fell behind, item 18 "
+                            "of TRAINING.md")
         p.add_argument("--read-steps", type=int, default=600, help="phase 1: letter_of with planted target masks")
         p.add_argument("--match-steps", type=int, default=0,
                        help="phase 1b (off: tried, item 13 of TRAINING.md): letter-naming questions planted over "
                             "--match-shapes shapes, the named ones among them")
-        p.add_argument("--match-shapes", type=int, default=2)
+        p.add_argument("--match-shapes", type=int, default=2, help="0: every shape")
         p.add_argument("--select-steps", type=int, default=600,
                        help="phase 2: letter_of, half planted, half flex, with the attention loss")
         p.add_argument("--select-all-share", type=float, default=0.1)
@@ -1130,7 +1175,7 @@ def main(argv=None):
         stage3_flex(args.align, args.cache, args.out, args.steps3, args.batch_size3, args.lr3, args.seed,
                     args.max_minutes3, args.aux_weight, args.select_all_share,
                     [float(t) for t in args.thresholds.split(",")], args.read_steps, args.select_steps,
-                    args.planted_share, args.match_steps, args.match_shapes, args.select_weight)
+                    args.planted_share, args.match_steps, args.match_shapes, args.select_weight, args.read_weight)
     if args.stage in ("report", "all"):
         rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
                              getattr(args, "n", None))

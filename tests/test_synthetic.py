@@ -22,6 +22,7 @@ from flexattn.synthetic import (
     SHAPES,
     SPATIAL_ANSWERS,
     build_tokenizer,
+    glyph_box,
     make_sample,
     make_split,
     patch_labels,
@@ -77,6 +78,7 @@ def test_grid_aligned_letters_sit_in_one_patch():
         s = make_sample(seed, FAMILIES[seed % 3])
         for sh in s.shapes:
             x0, y0, x1, y1 = sh.letter_box
+            assert sh.letter_box == glyph_box(*sh.centre)  # what training derives from a cached shape's centre
             assert x0 // PATCH == (x1 - 1) // PATCH and y0 // PATCH == (y1 - 1) // PATCH
             assert sh.centre[0] % PATCH == 7 and sh.centre[1] % PATCH == 7
 

@@ -6,7 +6,7 @@ import torch
 
 from flexattn.attention import select_hr_tokens
 from flexattn.training import (
-    attention_loss, box_cells, collate, forward_loss, selection_loss, target_masks, teacher_forced,
+    attention_loss, box_cells, collate, forward_loss, reading_loss, selection_loss, target_masks, teacher_forced,
 )
 
 from .conftest import make_vlm, random_image
@@ -70,6 +70,17 @@ def test_selection_loss_asks_for_the_whole_target_above_the_threshold():
     assert peaked.grad[0, 0, 1, 2] < 0  # raise the missed target cell
 
 
+def test_reading_loss_prefers_attention_on_the_glyph_among_selected_tokens():
+    """Row 0 sees its glyph (token 1) and another (token 2); row 1's mask left its glyph out, so the loss cannot
+    move it and skips the row."""
+    read = torch.zeros(1, 2, 4, dtype=torch.bool)
+    read[0, 0, 1] = read[0, 1, 3] = True
+    on = torch.tensor([[[[0.0, 0.6, 0.1, 0.0], [0.0, 0.3, 0.3, 0.0]]]]).expand(1, 2, 2, 4)  # (B, H, R, G*G)
+    off = torch.tensor([[[[0.0, 0.1, 0.6, 0.0], [0.0, 0.3, 0.3, 0.0]]]]).expand(1, 2, 2, 4)
+    assert reading_loss([(3, on)], read) < reading_loss([(3, off)], read)
+    assert reading_loss([(3, on)], read) == pytest.approx(-torch.log(torch.tensor(0.6 + 1e-6)).item(), abs=1e-5)
+
+
 def test_box_cells_account_for_square_padding():
     # 200x100 image padded to 200x200: y offset 50; LR grid 4 -> 50 px cells.
     cells = box_cells((0, 0, 40, 40), (200, 100), 4)
@@ -83,8 +94,10 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     model = vlm.model.train()
     prepared = [vlm.prepare(random_image(70, 70, seed=s)) for s in (3, 4)]
     g = prepared[0].lr_grid
+    glyph = box_cells((10, 10, 20, 20), (70, 70), g * vlm.settings.zoom)
     batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
-                    row_targets=[[box_cells((0, 0, 30, 30), (70, 70), g)] * 2] * 2)
+                    row_targets=[[box_cells((0, 0, 30, 30), (70, 70), g)] * 2] * 2, row_reads=[[glyph] * 2] * 2)
+    assert batch.read_cells.shape == (2, batch.rows.shape[1], glyph.numel()) and batch.read_cells[1, 1].any()
     lr = torch.stack([p.lr_features for p in prepared]).detach()
     hr = torch.stack([p.hr_features for p in prepared]).detach()
     sizes = [(70, 70)] * 2
@@ -92,13 +105,14 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     before = model.model.language_model.layers[3].self_attn.k_proj_hd.weight.detach().clone()
     losses = []
     for _ in range(8):
-        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, aux_weight=0.5, select_weight=0.5)
+        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, aux_weight=0.5, select_weight=0.5,
+                                   read_weight=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     model.eval()
-    assert losses[-1] < losses[0] and "aux" in stats and "sel" in stats
+    assert losses[-1] < losses[0] and "aux" in stats and "sel" in stats and "read" in stats
     assert not torch.equal(before, model.model.language_model.layers[3].self_attn.k_proj_hd.weight)
 
 
@@ -126,6 +140,14 @@ def test_planted_target_masks_bound_what_rows_read():
         none = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=torch.zeros_like(masks))
         full = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=torch.ones_like(masks))
         planted = forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, planted_selection=masks)
+    with torch.no_grad():  # what the reading loss sees: attention on exactly the planted tokens
+        _, state = teacher_forced(vlm.model, batch, lr, hr, vlm.settings, sizes, keep_hr_maps=True,
+                                  planted_selection=masks)
+    assert [layer for layer, _ in state.hr_maps] == [2, 3]  # the layers after the selection layer
+    for _, probs in state.hr_maps:
+        assert probs.shape == (2, vlm.model.config.text_config.num_attention_heads, batch.rows.shape[1], G * G)
+        assert (probs[:, :, 0] > 0).equal(masks[:, None, 0].expand_as(probs[:, :, 0]))
+        assert bool((probs.sum(-1) < 1).all())  # the rest went to text and LR tokens
     assert none[1]["ce"] == pytest.approx(ce["lowres"], abs=1e-6)
     assert full[1]["ce"] == pytest.approx(ce["select_all"], abs=1e-6)
     assert planted[1]["ce"] not in (ce["lowres"], ce["select_all"])
