@@ -604,16 +604,11 @@ def _per_row(per_token: list, n_answer_tokens: int) -> list:
 
 
 def _row_targets(target_boxes, n_answer_tokens: int):
+    """Per answer row, the (g, g) LR cells its target boxes touch."""
+    from flexattn.evaluate import hr_cells  # cells of any grid over the image; here the LR one
     from flexattn.synthetic import HR_SIZE
-    from flexattn.training import box_cells
 
-    cells = []
-    for boxes in target_boxes:
-        c = torch.zeros(LR_GRID, LR_GRID, dtype=torch.bool)
-        for box in boxes:
-            c |= box_cells(box, (HR_SIZE, HR_SIZE), LR_GRID)
-        cells.append(c)
-    return _per_row(cells, n_answer_tokens)
+    return _per_row([hr_cells(boxes, (HR_SIZE, HR_SIZE), LR_GRID) for boxes in target_boxes], n_answer_tokens)
 
 
 def _row_reads(glyph_centres, n_answer_tokens: int):
@@ -941,8 +936,8 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
         # 1. read: rows see exactly their target's HR tokens; the model learns to read them (planted letter_of
         #    84 % after 600 steps alone; inside mixed batches it never left the plateau)
         Phase(read_steps, {"letter_of": 1.0}, {"planted": 1.0}, read_weight=read_weight),
-        # 1b. match (off by default): questions naming a letter, planted over the named shape(s) and few others, so
-        #     HR attention learns to find the letter; 1,200 steps did not help (items 12-13 of TRAINING.md)
+        # 1b. match (off by default): questions naming a letter, planted over the named shape(s) and few others (or
+        #     every shape), so HR attention learns to find the letter; it did not help (items 13 and 18, TRAINING.md)
         Phase(match_steps, {"colour_of": 0.5, "spatial": 0.25, "letter_of": 0.25}, {"planted": 1.0},
               find_among=match_shapes or None, read_weight=read_weight),
         # 2. select: the attention loss teaches the LR map to find the target, half the batches still planted
