@@ -15,8 +15,11 @@ Stage 3: FlexAttention tuning (`flex`) through flexattn.training (teacher forcin
 k/v_proj_hd from k/v_proj, in three phases: read (letter questions, each answering row given its target's HR
 tokens as the mask, "planted"), select (half planted, half flex, with the auxiliary attention loss), then all
 families + control questions in flex, select_all and planted batches. Questions that name a letter (illegible at
-LR) target every shape (`FIND_BY_LETTER`). The threshold is chosen on tuning images (seeds TUNE_SEED+), never on
-the reported held-out ones.
+LR) target every shape (`FIND_BY_LETTER`).
+Stage 4: refinement (`refine`), mostly attribute questions, half planted, half flex: first with the reading loss
+(HR attention on the glyph the answer needs), then also with the selection loss (the thresholded map covers the
+named shape, or every shape when the question names a letter). After stages 3 and 4 the threshold is chosen on
+tuning images (seeds TUNE_SEED+), never on the reported held-out ones.
 
 Seeds: training images use seeds below HELDOUT_SEED; held-out evaluation uses seeds >= HELDOUT_SEED.
 On a CPU shared with other jobs, TRAIN_THREADS=1 is several times faster than 2 threads.
@@ -372,6 +375,10 @@ TASK_KINDS = ("letter_of", "colour_of", "spatial", "reading", "ctl_colour", "ctl
 STAGE2_MIX = {"ctl_colour": 0.4, "ctl_shape": 0.3, "ctl_spatial": 0.3}
 STAGE3_MIX = {"letter_of": 0.15, "colour_of": 0.15, "spatial": 0.15, "reading": 0.25,
               "ctl_colour": 0.1, "ctl_shape": 0.1, "ctl_spatial": 0.1}
+# Stage 4: mostly attribute questions, where the HR path can reach the answer, and some of the rest (without
+# reading questions the model forgets to answer them at all: it emits EOS at once, item 20).
+REFINE_MIX = {"colour_of": 0.35, "letter_of": 0.25, "reading": 0.15, "spatial": 0.05, "ctl_colour": 0.1,
+              "ctl_shape": 0.1}
 
 
 def flex_settings(threshold: float = DEFAULT_THRESHOLD):
@@ -808,7 +815,7 @@ def stage2_cache(tower_dir: str | Path, out: str | Path, n_train: int, n_heldout
 
 
 def _load_cache(path):
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)  # tensors and plain dicts / lists: no pickled objects
 
 
 def _save_model(model, tokenizer, out: Path, info: dict | None = None) -> None:
@@ -952,22 +959,75 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
                             seed=seed, max_minutes=max_minutes, params=params, eval_fn=eval_fn, eval_every=250,
                             checkpoint=checkpoint)
     print(f"stage3 flex: {done} steps in {secs / 60:.2f} min")
-    # Threshold: the best on tuning images (never the reported held-out ones) with hr_share <= 0.18.
-    results = {}
-    for t in thresholds:
-        m = teacher_forced_eval(model, tokenizer, tune, "flex", settings=flex_settings(t))
-        results[t] = m
-        print(f"  threshold {t:5.1f}: {_line(m)}")
-    ok = [t for t in thresholds if results[t]["hr_share"] <= 0.18] or list(thresholds)
-    best = max(ok, key=lambda t: (round(results[t]["accuracy"], 3), results[t]["selection_recall"]))
-    model.config.flex_attention = flex_settings(best).to_dict()
-    print(f"chosen threshold {best}")
+    best, results = choose_threshold(model, tokenizer, tune, thresholds)
     info = {"stage": "stage3_flex", "steps": done, "batch_size": batch_size, "seconds": secs, "lr": lr,
             "aux_weight": aux_weight, "select_weight": select_weight, "read_weight": read_weight,
             "select_all_share": select_all_share,
             "planted_share": planted_share, "read_steps": read_steps, "match_steps": match_steps,
             "match_shapes": match_shapes, "select_steps": select_steps, "threshold": best,
             "threshold_search": {str(t): results[t] for t in thresholds}, "train_images": len(train["meta"])}
+    _save_model(model, tokenizer, out, info)
+    return info
+
+
+def choose_threshold(model, tokenizer, tune, thresholds) -> tuple[float, dict]:
+    """The best threshold on tuning images (never the reported held-out ones) with hr_share <= 0.18; it is set in
+    the model's config."""
+    results = {}
+    for t in thresholds:
+        results[t] = teacher_forced_eval(model, tokenizer, tune, "flex", settings=flex_settings(t))
+        print(f"  threshold {t:5.1f}: {_line(results[t])}")
+    ok = [t for t in thresholds if results[t]["hr_share"] <= 0.18] or list(thresholds)
+    best = max(ok, key=lambda t: (round(results[t]["accuracy"], 3), results[t]["selection_recall"]))
+    model.config.flex_attention = flex_settings(best).to_dict()
+    print(f"chosen threshold {best}")
+    return best, results
+
+
+def stage4_refine(init_dir, cache_dir, out, find_steps, cover_steps, batch_size, lr, seed, max_minutes, aux_weight,
+                  read_weight, select_weight, thresholds) -> dict:
+    """From the stage-3 model: mostly attribute questions (REFINE_MIX), half the batches planted (the named shape,
+    or every shape when the question names a letter), half flex. "find" adds the reading loss, so HR attention
+    learns to find the named letter among every selected shape (TRAINING.md item 18); "cover" adds the selection
+    loss, so the mask covers what the question needs: the named shape, or every shape when only HR can tell which
+    (item 20)."""
+    from flexattn.loading import load as load_model
+    from flexattn.synthetic import build_tokenizer
+
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
+    _seed_all(seed)
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    model = load_model(str(init_dir), device="cpu", dtype=torch.float32).model
+    model.model.vision_tower.requires_grad_(False)
+    train = _load_cache(Path(cache_dir) / "train.pt")
+    tune = _load_cache(Path(cache_dir) / "tune.pt")
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    for p in params:
+        p.requires_grad_(True)
+    modes = {"flex": 0.5, "planted": 0.5}
+    # Two runs, each with its own warmup and cosine schedule: the selection loss needs the full learning rate to
+    # reshape the maps (one schedule over both phases left attribute questions at 70 % instead of 85-90 %, item 20).
+    # Both loops draw their batches from `seed`, so "cover" sees the questions "find" began with, as in the run that
+    # made the shipped checkpoint.
+    done, secs = 0, 0.0
+    for name, phase in (("find", Phase(find_steps, REFINE_MIX, modes, aux_weight, read_weight=read_weight)),
+                        ("cover", Phase(cover_steps, REFINE_MIX, modes, aux_weight, read_weight=read_weight,
+                                        select_weight=select_weight))):
+        left = None if max_minutes is None else max(max_minutes - secs / 60, 0.0)
+        n, t = train_loop(model, tokenizer, train, stage=f"stage4 {name}", phases=[phase], batch_size=batch_size,
+                          lr=lr, seed=seed, max_minutes=left, params=params)
+        done, secs = done + n, secs + t
+    print(f"stage4 refine: {done} steps in {secs / 60:.2f} min")
+    best, results = choose_threshold(model, tokenizer, tune, thresholds)
+    info = {"stage": "stage4_refine", "init": str(init_dir), "steps": done, "find_steps": find_steps,
+            "cover_steps": cover_steps, "batch_size": batch_size, "seconds": secs, "lr": lr,
+            "aux_weight": aux_weight, "read_weight": read_weight, "select_weight": select_weight, "mix": REFINE_MIX,
+            "modes": modes, "threshold": best, "threshold_search": {str(t): results[t] for t in thresholds},
+            "train_images": len(train["meta"])}
+    previous = Path(init_dir) / "training_info.json"
+    if previous.is_file():  # keep the record of the stage this one continues
+        info["init_info"] = json.loads(previous.read_text())
     _save_model(model, tokenizer, out, info)
     return info
 
@@ -1096,7 +1156,18 @@ def main(argv=None):
         p.add_argument("--thresholds", default="32,64,96,128,160,192")
         p.add_argument("--max-minutes3", type=float, default=22.0)
 
-    common = dict(tower="build/stage1_tower", cache="build/stage2_cache", align="build/stage2_align")
+    def s4_args(p):
+        p.add_argument("--find-steps", type=int, default=1500, help="stage 4, phase 1: with the reading loss")
+        p.add_argument("--cover-steps", type=int, default=1200, help="phase 2: and the selection loss")
+        p.add_argument("--batch-size4", type=int, default=16)
+        p.add_argument("--lr4", type=float, default=3e-4)
+        p.add_argument("--aux-weight4", type=float, default=0.5)
+        p.add_argument("--read-weight4", type=float, default=1.0)
+        p.add_argument("--select-weight4", type=float, default=0.5)
+        p.add_argument("--max-minutes4", type=float, default=25.0)
+
+    common = dict(tower="build/stage1_tower", cache="build/stage2_cache", align="build/stage2_align",
+                  flex="build/stage3_flex")
 
     def paths(p, *names):
         for n in names:
@@ -1119,8 +1190,13 @@ def main(argv=None):
     s2a_args(a)
     f = sub.add_parser("flex", help="stage 3: FlexAttention tuning (+ threshold choice on tuning images)")
     paths(f, "cache", "align")
-    f.add_argument("--out", default="assets/flexattn-tiny")
+    f.add_argument("--out", default=common["flex"])
     s3_args(f)
+    r = sub.add_parser("refine", help="stage 4: finding a named letter and covering what the question needs")
+    paths(r, "cache", "flex")
+    r.add_argument("--out", default="assets/flexattn-tiny")
+    r.add_argument("--thresholds", default="32,64,96,128,160,192")
+    s4_args(r)
     e = sub.add_parser("report", help="teacher-forced held-out numbers of a trained model")
     e.add_argument("--model", default="assets/flexattn-tiny")
     paths(e, "cache")
@@ -1131,14 +1207,14 @@ def main(argv=None):
     ex = sub.add_parser("examples", help="write the app's held-out example images and examples.json")
     ex.add_argument("--out", default="assets/examples")
     ex.add_argument("--model", default=None, help="also print this model's answers to them")
-    al = sub.add_parser("all", help="stage 1 -> 2 -> 3")
+    al = sub.add_parser("all", help="stage 1 -> 2 -> 3 -> 4")
     al.add_argument("--out", default="assets/flexattn-tiny")
-    paths(al, "tower", "cache", "align")
+    paths(al, "tower", "cache", "align", "flex")
     al.add_argument("--reuse-tower", action="store_true", help="keep an existing stage-1 tower at --tower")
     al.add_argument("--workers", type=int, default=1)
-    for fn in (s1_args, s2c_args, s2a_args, s3_args):
+    for fn in (s1_args, s2c_args, s2a_args, s3_args, s4_args):
         fn(al)
-    for p in (s1, c, a, f, al):
+    for p in (s1, c, a, f, r, al):
         p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -1166,11 +1242,15 @@ def main(argv=None):
     if args.stage in ("align", "all"):
         stage2_align(args.tower, args.cache, args.out if args.stage == "align" else args.align, args.steps2, args.batch_size2, args.lr2, args.seed,
                      args.max_minutes2)
+    thresholds = [float(t) for t in getattr(args, "thresholds", "").split(",") if t]
     if args.stage in ("flex", "all"):
-        stage3_flex(args.align, args.cache, args.out, args.steps3, args.batch_size3, args.lr3, args.seed,
-                    args.max_minutes3, args.aux_weight, args.select_all_share,
-                    [float(t) for t in args.thresholds.split(",")], args.read_steps, args.select_steps,
-                    args.planted_share, args.match_steps, args.match_shapes, args.select_weight, args.read_weight)
+        stage3_flex(args.align, args.cache, args.out if args.stage == "flex" else args.flex, args.steps3,
+                    args.batch_size3, args.lr3, args.seed, args.max_minutes3, args.aux_weight, args.select_all_share,
+                    thresholds, args.read_steps, args.select_steps, args.planted_share, args.match_steps, args.match_shapes, args.select_weight, args.read_weight)
+    if args.stage in ("refine", "all"):
+        stage4_refine(args.flex, args.cache, args.out, args.find_steps, args.cover_steps, args.batch_size4, args.lr4,
+                      args.seed, args.max_minutes4, args.aux_weight4, args.read_weight4, args.select_weight4,
+                      thresholds)
     if args.stage in ("report", "all"):
         rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
                              getattr(args, "n", None))
