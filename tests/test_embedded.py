@@ -14,7 +14,7 @@ from flexattn.synthetic import make_sample
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
-# The shipped checkpoint reads what only HR shows when a question is about one shape (held-out: flex 88 % on
+# The shipped checkpoint reads what only HR shows when a question is about one shape (held-out: flex 87 % on
 # attribute questions, lowres 14 %), and not yet the reading family (0 %) or left/right (chance); see its
 # TRAINING.md. The first held-out reading samples are among its misses. strict: once a retrained model answers
 # them, this marker must be removed.
