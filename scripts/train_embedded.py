@@ -910,10 +910,9 @@ def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
     return round(ok / max(tot, 1), 4)
 
 
-def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
-                thresholds, read_steps: int = 0, select_steps: int = 0, planted_share: float = 0.0,
-                match_steps: int = 0, match_shapes: int = 2, select_weight: float = 0.0,
-                read_weight: float = 0.0) -> dict:
+def _load_for_tuning(init_dir, cache_dir, seed):
+    """Seeded start of stages 3 and 4: tokenizer, the model at init_dir (tower frozen, everything else trainable),
+    the train and tune feature caches, and the trainable parameters."""
     from flexattn.loading import load as load_model
     from flexattn.synthetic import build_tokenizer
 
@@ -921,14 +920,22 @@ def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minut
     _seed_all(seed)
     tokenizer = build_tokenizer()
     model = load_model(str(init_dir), device="cpu", dtype=torch.float32).model
-    model.copy_hr_projections_from_lowres()
-    model.config.flex_attention = {**flex_settings().to_dict()}
     model.model.vision_tower.requires_grad_(False)
     train = _load_cache(Path(cache_dir) / "train.pt")
     tune = _load_cache(Path(cache_dir) / "tune.pt")
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     for p in params:
         p.requires_grad_(True)
+    return tokenizer, model, train, tune, params
+
+
+def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
+                thresholds, read_steps: int = 0, select_steps: int = 0, planted_share: float = 0.0,
+                match_steps: int = 0, match_shapes: int = 2, select_weight: float = 0.0,
+                read_weight: float = 0.0) -> dict:
+    tokenizer, model, train, tune, params = _load_for_tuning(init_dir, cache_dir, seed)
+    model.copy_hr_projections_from_lowres()
+    model.config.flex_attention = {**flex_settings().to_dict()}
     out = Path(out)
 
     def eval_fn():
@@ -991,20 +998,8 @@ def stage4_refine(init_dir, cache_dir, out, find_steps, cover_steps, batch_size,
     learns to find the named letter among every selected shape (TRAINING.md item 18); "cover" adds the selection
     loss, so the mask covers what the question needs: the named shape, or every shape when only HR can tell which
     (item 20)."""
-    from flexattn.loading import load as load_model
-    from flexattn.synthetic import build_tokenizer
-
-    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
-    _seed_all(seed)
+    tokenizer, model, train, tune, params = _load_for_tuning(init_dir, cache_dir, seed)
     out = Path(out)
-    tokenizer = build_tokenizer()
-    model = load_model(str(init_dir), device="cpu", dtype=torch.float32).model
-    model.model.vision_tower.requires_grad_(False)
-    train = _load_cache(Path(cache_dir) / "train.pt")
-    tune = _load_cache(Path(cache_dir) / "tune.pt")
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    for p in params:
-        p.requires_grad_(True)
     modes = {"flex": 0.5, "planted": 0.5}
     # Two runs, each with its own warmup and cosine schedule: the selection loss needs the full learning rate to
     # reshape the maps (one schedule over both phases left attribute questions at 70 % instead of 85-90 %, item 20).
