@@ -25,6 +25,7 @@ def llava_config(
     flex: FlexSettings,
     image_token_id: int | None = None,
     max_position_embeddings: int = 4096,
+    rope_parameters: dict | None = None,
 ) -> LlavaConfig:
     text = LlamaConfig(
         vocab_size=vocab_size,
@@ -34,6 +35,7 @@ def llava_config(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=max_position_embeddings,
+        rope_parameters=rope_parameters or {"rope_theta": 10000.0, "rope_type": "default"},
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,

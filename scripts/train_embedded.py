@@ -366,6 +366,18 @@ SELECTION_LAYER = 2
 DEFAULT_THRESHOLD = 96.0
 POOL_SIZE = LR_GRID  # identity pooling: each LR cell -> one zoom x zoom HR block
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, num_layers=TEXT_LAYERS, num_heads=4)
+# Rotary frequencies (TRAINING.md item 23). "plain": LLaMA's, theta 1e4. "row": LR image tokens sit in raster
+# order (row x 8 + column) and HR keys get rotary tables interpolated from theirs, so the one place an HR token's
+# column can show is a frequency whose period is one LR row: every row then turns it a whole circle, and its angle
+# is the column's alone. "llama3" rope at theta (8 / 2 pi) ** (head_dim / 2) = 47.705 puts the second of the 16
+# frequencies there (the first, period 6.3, stays) and slows every longer wavelength 16-fold (163 positions and
+# up), so content matching over the ~100-token sequence is not scrambled (plain rope at that theta learned colour /
+# shape questions at half the speed). "row" aligns better and ends worse after stage 4, so "plain" is the default.
+ROPES = {
+    "plain": {"rope_type": "default", "rope_theta": 10000.0},
+    "row": {"rope_type": "llama3", "rope_theta": 47.71, "factor": 16.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 1.25, "original_max_position_embeddings": 10},
+}
 TUNE_SEED = HELDOUT_SEED + 500_000  # threshold tuning images; reported numbers use seeds from HELDOUT_SEED
 STAGE2_SEED_BLOCK = 500_000  # feature-cache training images: seed * 1_000_000 + this + i (stage 1 used + 0 ...)
 
@@ -388,12 +400,12 @@ def flex_settings(threshold: float = DEFAULT_THRESHOLD):
                         pool_size=POOL_SIZE)
 
 
-def make_model(tokenizer, threshold: float = DEFAULT_THRESHOLD):
+def make_model(tokenizer, threshold: float = DEFAULT_THRESHOLD, rope: str = "plain"):
     from flexattn.modeling import FlexLlavaForConditionalGeneration
     from flexattn.presets import llava_config
 
     config = llava_config(
-        vocab_size=len(tokenizer), **TEXT_CONFIG,
+        vocab_size=len(tokenizer), **TEXT_CONFIG, rope_parameters=ROPES[rope],
         vision_hidden=TOWER_CONFIG["hidden_size"], vision_intermediate=TOWER_CONFIG["intermediate_size"],
         vision_layers=TOWER_CONFIG["num_hidden_layers"], vision_heads=TOWER_CONFIG["num_attention_heads"],
         image_size=LR_SIZE, patch_size=14, flex=flex_settings(threshold),
@@ -833,8 +845,8 @@ def _save_model(model, tokenizer, out: Path, info: dict | None = None) -> None:
 def init_projector_from_heads(model, heads_path: str | Path, cache, n_images: int = 500) -> None:
     """Start the projector from what stage 1 already knows, at the scale the LLM can keep.
 
-    1. linear_1's first rows become the stage-1 probe heads (letter / colour / shape logits), with the heads'
-       LayerNorm folded in linearly: the tower's features are one shared vector plus a small content part, so
+    1. linear_1's first rows become the stage-1 probe heads (letter / colour / shape logits, and row / column
+       logits when the tower has position heads), with the heads' LayerNorm folded in linearly: the tower's features are one shared vector plus a small content part, so
        every token has almost the same spread and LN(x) ~ gamma * (x - mean(x)) / s + beta with one s. The other
        rows start at zero. Started from a random projector, the LLM learned to ignore image content.
     2. linear_2 is rescaled so projected tokens have RMS 1 per channel, the scale RMSNorm gives. At the
@@ -849,6 +861,11 @@ def init_projector_from_heads(model, heads_path: str | Path, cache, n_images: in
     spread = x.std(-1).mean()
     w = torch.cat([heads[f"{k}.weight"] for k in ("letter", "colour", "shape")])
     b = torch.cat([heads[f"{k}.bias"] for k in ("letter", "colour", "shape")])
+    position = Path(heads_path).with_name("position_heads.pt")
+    if position.exists():  # a tower trained to keep each token's row / column (same LayerNorm; TRAINING.md item 24)
+        pos = torch.load(position, weights_only=True)
+        w = torch.cat([w, pos["row.weight"], pos["col.weight"]])
+        b = torch.cat([b, pos["row.bias"], pos["col.bias"]])
     proj = model.model.multi_modal_projector
     n = w.shape[0]
     proj.linear_1.weight.zero_()
@@ -860,13 +877,13 @@ def init_projector_from_heads(model, heads_path: str | Path, cache, n_images: in
     proj.linear_2.bias.div_(rms)
 
 
-def stage2_align(tower_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes) -> dict:
+def stage2_align(tower_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, rope: str = "plain") -> dict:
     from flexattn.synthetic import build_tokenizer
 
     torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
     _seed_all(seed)
     tokenizer = build_tokenizer()
-    model = make_model(tokenizer)
+    model = make_model(tokenizer, rope=rope)
     tower = load_tower(tower_dir)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.vision_tower.requires_grad_(False)
@@ -884,30 +901,34 @@ def stage2_align(tower_dir, cache_dir, out, steps, batch_size, lr, seed, max_min
                             seed=seed, max_minutes=max_minutes, params=params, eval_fn=eval_fn, eval_every=200)
     acc = _control_eval(model, tokenizer, tune, seed)
     print(f"stage2 align: {done} steps in {secs / 60:.2f} min; control questions (lowres, tune images): {acc}")
-    info = {"stage": "stage2_align", "steps": done, "batch_size": batch_size, "seconds": secs,
+    info = {"stage": "stage2_align", "steps": done, "batch_size": batch_size, "seconds": secs, "rope": rope,
             "train_images": len(train["meta"]), "control_accuracy": acc}
     _save_model(model, tokenizer, Path(out), info)
     return info
 
 
 @torch.no_grad()
-def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> float:
+def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> dict[str, float]:
+    """Teacher-forced accuracy on each LR-answerable control kind (first n tuning images), lowres mode."""
     from flexattn.training import IGNORE, teacher_forced
 
-    rng = random.Random(seed + 99)
     model.eval()
-    ok = tot = 0
-    for j in range(0, n, 50):
-        idx, items = draw_batch(cache, STAGE2_MIX, rng, 50, images=range(j, min(n, j + 50, len(cache["meta"]))))
-        if not idx:
-            break
-        batch = make_batch(tokenizer, items)
-        logits, _ = teacher_forced(model, batch, project(model, cache["lr"][idx]), None, model.flex_settings,
-                                   [(336, 336)] * len(idx), mode="lowres")
-        pred, gold = logits[:, :-1].argmax(-1), batch.labels[:, 1:]
-        ok += int(((pred == gold) | (gold == IGNORE)).all(1).sum())
-        tot += len(idx)
-    return round(ok / max(tot, 1), 4)
+    got = {}
+    for kind in STAGE2_MIX:
+        rng = random.Random(seed + 99)
+        ok = tot = 0
+        for j in range(0, n, 50):
+            idx, items = draw_batch(cache, {kind: 1.0}, rng, 50, images=range(j, min(n, j + 50, len(cache["meta"]))))
+            if not idx:
+                break
+            batch = make_batch(tokenizer, items)
+            logits, _ = teacher_forced(model, batch, project(model, cache["lr"][idx]), None, model.flex_settings,
+                                       [(336, 336)] * len(idx), mode="lowres")
+            pred, gold = logits[:, :-1].argmax(-1), batch.labels[:, 1:]
+            ok += int(((pred == gold) | (gold == IGNORE)).all(1).sum())
+            tot += len(idx)
+        got[kind] = round(ok / max(tot, 1), 4)
+    return got
 
 
 def _load_for_tuning(init_dir, cache_dir, seed):
@@ -1125,6 +1146,9 @@ def main(argv=None):
         p.add_argument("--batch-size2", type=int, default=32)
         p.add_argument("--lr2", type=float, default=1e-3)
         p.add_argument("--max-minutes2", type=float, default=25.0)
+        p.add_argument("--rope", choices=tuple(ROPES), default="plain",
+                       help="the LLM's rotary frequencies: plain (LLaMA's) or row (one with the LR row's period; "
+                            "better alignment, worse after stage 4: item 23 of TRAINING.md)")
 
     def s3_args(p):
         p.add_argument("--steps3", type=int, default=1400, help="phase 3: the full question mix")
@@ -1236,7 +1260,7 @@ def main(argv=None):
                      args.workers, args.max_minutes_cache)
     if args.stage in ("align", "all"):
         stage2_align(args.tower, args.cache, args.out if args.stage == "align" else args.align, args.steps2, args.batch_size2, args.lr2, args.seed,
-                     args.max_minutes2)
+                     args.max_minutes2, args.rope)
     thresholds = [float(t) for t in getattr(args, "thresholds", "").split(",") if t]
     if args.stage in ("flex", "all"):
         stage3_flex(args.align, args.cache, args.out if args.stage == "flex" else args.flex, args.steps3,
