@@ -65,7 +65,8 @@ def main(argv=None) -> None:
                    help="position of the first LR image token (32 for the embedded model's v1 prompt)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="plain rope at this theta (without --model)")
     p.add_argument("--apart", type=float, default=4.0,
-                   help="minimum distance in HR cells, per 24 cells of side (4 = 56 of 336 px; spatial questions need 48 px between centres and boxes apart)")
+                   help="minimum distance in HR cells, per 24 cells of side (4 = 56 of 336 px; spatial questions "
+                        "need 48 px between centres and boxes apart)")
     a = p.parse_args(argv)
     lr_grid, zoom, head_dim = a.lr_grid, a.zoom, a.head_dim
     rope = {"rope_type": "default", "rope_theta": a.rope_theta}

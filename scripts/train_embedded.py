@@ -846,9 +846,10 @@ def init_projector_from_heads(model, heads_path: str | Path, cache, n_images: in
     """Start the projector from what stage 1 already knows, at the scale the LLM can keep.
 
     1. linear_1's first rows become the stage-1 probe heads (letter / colour / shape logits, and row / column
-       logits when the tower has position heads), with the heads' LayerNorm folded in linearly: the tower's features are one shared vector plus a small content part, so
-       every token has almost the same spread and LN(x) ~ gamma * (x - mean(x)) / s + beta with one s. The other
-       rows start at zero. Started from a random projector, the LLM learned to ignore image content.
+       logits when the tower has position heads), with the heads' LayerNorm folded in linearly: the tower's
+       features are one shared vector plus a small content part, so every token has almost the same spread and
+       LN(x) ~ gamma * (x - mean(x)) / s + beta with one s. The other rows start at zero. Started from a random
+       projector, the LLM learned to ignore image content.
     2. linear_2 is rescaled so projected tokens have RMS 1 per channel, the scale RMSNorm gives. At the
        0.2-norm scale of the text embeddings, causal attention among image tokens blurred each cell's content
        with its neighbours' before the answer could read it (measured with ideal one-hot cell features: at
@@ -1259,13 +1260,14 @@ def main(argv=None):
         stage2_cache(args.tower, args.cache, args.train_images, args.heldout_images, args.tune_images, args.seed,
                      args.workers, args.max_minutes_cache)
     if args.stage in ("align", "all"):
-        stage2_align(args.tower, args.cache, args.out if args.stage == "align" else args.align, args.steps2, args.batch_size2, args.lr2, args.seed,
-                     args.max_minutes2, args.rope)
+        stage2_align(args.tower, args.cache, args.out if args.stage == "align" else args.align, args.steps2,
+                     args.batch_size2, args.lr2, args.seed, args.max_minutes2, args.rope)
     thresholds = [float(t) for t in getattr(args, "thresholds", "").split(",") if t]
     if args.stage in ("flex", "all"):
         stage3_flex(args.align, args.cache, args.out if args.stage == "flex" else args.flex, args.steps3,
                     args.batch_size3, args.lr3, args.seed, args.max_minutes3, args.aux_weight, args.select_all_share,
-                    thresholds, args.read_steps, args.select_steps, args.planted_share, args.match_steps, args.match_shapes, args.select_weight, args.read_weight)
+                    thresholds, args.read_steps, args.select_steps, args.planted_share, args.match_steps,
+                    args.match_shapes, args.select_weight, args.read_weight)
     if args.stage in ("refine", "all"):
         stage4_refine(args.flex, args.cache, args.out, args.find_steps, args.cover_steps, args.batch_size4, args.lr4,
                       args.seed, args.max_minutes4, args.aux_weight4, args.read_weight4, args.select_weight4,

@@ -1,6 +1,7 @@
 """scripts/rotary_columns.py: what one head's rotary can tell of an HR token's place (TRAINING.md items 19 and 23)."""
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_plain_rope_shows_rows_not_columns():
 def test_row_rope_has_a_period_of_one_lr_row():
     rc, te = _script("rotary_columns"), _script("train_embedded")
     inv_freq = rc.inverse_frequencies(32, te.ROPES["row"])
-    periods = 2 * 3.141592653589793 / inv_freq
+    periods = 2 * math.pi / inv_freq
     assert abs(periods[1] - te.LR_GRID) < 1e-3  # every LR row turns this pair a whole circle
     assert (periods[2:] > 150).all()  # the rest turn slowly over the ~100-token sequence
     got = rc.fit(te.LR_GRID, 3, inv_freq, 32, 4.0)
