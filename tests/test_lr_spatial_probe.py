@@ -1,24 +1,12 @@
 """scripts/lr_spatial_probe.py: the position codes and the split attention loss (TRAINING.md item 25)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_script
 
 
 def test_ordered_code_makes_left_of_linear():
-    probe = _script("lr_spatial_probe")
+    probe = load_script("lr_spatial_probe")
     code = probe.position_code("ordered", 1.0, 8, 128).view(8, 8, 128)  # (row, column, channel)
     step = code[:, 1:] - code[:, :-1]  # one column to the right
     # the same vector everywhere: projected on it, a token's value is its column, whatever its row
@@ -28,7 +16,7 @@ def test_ordered_code_makes_left_of_linear():
 
 
 def test_random_code_is_not_ordered():
-    probe = _script("lr_spatial_probe")
+    probe = load_script("lr_spatial_probe")
     code = probe.position_code("random", 1.0, 8, 128).view(8, 8, 128)
     step = code[:, 1:] - code[:, :-1]
     assert torch.allclose(step[:, 0], step[0, 0].expand_as(step[:, 0]), atol=1e-5)  # the column part repeats by row
@@ -36,7 +24,7 @@ def test_random_code_is_not_ordered():
 
 
 def test_split_attention_loss_sends_layers_to_each_named_shape():
-    probe = _script("lr_spatial_probe")
+    probe = load_script("lr_spatial_probe")
     first, last = torch.zeros(1, 8, 8, dtype=torch.bool), torch.zeros(1, 8, 8, dtype=torch.bool)
     first[0, 2, 1], last[0, 5, 6] = True, True
 

@@ -1,23 +1,12 @@
 """scripts/rotary_columns.py: what one head's rotary can tell of an HR token's place (TRAINING.md items 19 and 23)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_script
 
 
 def test_plain_rope_shows_rows_not_columns():
-    rc = _script("rotary_columns")
+    rc = load_script("rotary_columns")
     for lr_grid, head_dim, start in ((8, 32, 32), (24, 128, 35)):  # embedded geometry, 7B
         inv_freq = rc.inverse_frequencies(head_dim, {"rope_type": "default", "rope_theta": 10000.0})
         got = rc.fit(lr_grid, 3, inv_freq, start, 4.0)
@@ -26,7 +15,7 @@ def test_plain_rope_shows_rows_not_columns():
 
 
 def test_row_rope_has_a_period_of_one_lr_row():
-    rc, te = _script("rotary_columns"), _script("train_embedded")
+    rc, te = load_script("rotary_columns"), load_script("train_embedded")
     inv_freq = rc.inverse_frequencies(32, te.ROPES["row"])
     periods = 2 * math.pi / inv_freq
     assert abs(periods[1] - te.LR_GRID) < 1e-3  # every LR row turns this pair a whole circle
