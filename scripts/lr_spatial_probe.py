@@ -41,6 +41,7 @@ from flexattn.evaluate import hr_cells  # noqa: E402
 from flexattn.loading import load  # noqa: E402
 from flexattn.synthetic import HR_SIZE, build_tokenizer  # noqa: E402
 from flexattn.training import IGNORE, teacher_forced  # noqa: E402
+from flexattn.training import attention_loss as training_attention_loss  # noqa: E402
 
 CENTRE = HR_SIZE / 2
 
@@ -100,18 +101,14 @@ def shape_cells(items, which: int) -> torch.Tensor:
 
 
 def attention_loss(lr_maps, first, last, how: str) -> torch.Tensor:
-    """Mean over selecting layers of -log(share of the answering row's LR attention on its target)."""
+    """flexattn's attention loss on the row that predicts the answer word, with a target per selecting layer:
+    both named shapes, or ("split") the first-named in the first half of the layers and the last-named after."""
     layers = [layer for layer, _ in lr_maps]
-    losses = []
+    per_layer = []
     for layer, lr_map in lr_maps:
-        if how == "split":
-            target = first if layer < layers[len(layers) // 2] else last
-        else:
-            target = first | last
-        row = lr_map[:, 0]  # the row that predicts the answer word
-        share = (row * target).flatten(1).sum(1) / row.flatten(1).sum(1).clamp_min(1e-6)
-        losses.append(-torch.log(share + 1e-6))
-    return torch.stack(losses).mean()
+        target = (first if layer < layers[len(layers) // 2] else last) if how == "split" else first | last
+        per_layer.append(training_attention_loss([(layer, lr_map[:, :1])], target[:, None]))
+    return torch.stack(per_layer).mean()
 
 
 def run(args) -> None:
@@ -141,8 +138,7 @@ def run(args) -> None:
             right = 0
             for j in range(0, len(idx), 50):
                 batch, logits, _ = forward(held, idx[j:j + 50], items[j:j + 50], False)
-                gold = batch.labels[:, 1:]
-                right += int(((logits[:, :-1].argmax(-1) == gold) | (gold == IGNORE)).all(1).sum())
+                right += int(te.exact_match(logits, batch.labels).sum())
             out.append(f"{kind} {100 * right / len(idx):.1f} %")
         model.train()
         return ", ".join(out)

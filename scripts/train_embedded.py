@@ -727,6 +727,14 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
 # ---- fast held-out evaluation (teacher forcing == greedy decoding) ----------------------------------------
 
 
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every answer row's argmax is its label, EOS included (== greedy decoding's exact match)."""
+    from flexattn.training import IGNORE
+
+    pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+    return ((pred == gold) | (gold == IGNORE)).all(1)
+
+
 @torch.no_grad()
 def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch_size: int = 50,
                         shift: int = 0, limit: int | None = None) -> dict:
@@ -735,7 +743,7 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
     tokens at the last selecting layer; overall and per family."""
     from flexattn.evaluate import hr_cells
     from flexattn.synthetic import HR_SIZE
-    from flexattn.training import IGNORE, teacher_forced
+    from flexattn.training import teacher_forced
 
     settings = settings or model.flex_settings
     model.eval()
@@ -752,9 +760,7 @@ def teacher_forced_eval(model, tokenizer, cache, mode: str, settings=None, batch
         # shift: every mask rolled right by `shift` HR cells (wrapping), the shifted-mask control
         logits, state = teacher_forced(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * len(idx), mode,
                                        keep_lr_maps=mode != "lowres", shift_selection=(0, shift) if shift else None)
-        pred = logits[:, :-1].argmax(-1)
-        gold = batch.labels[:, 1:]
-        ok = ((pred == gold) | (gold == IGNORE)).all(1)
+        ok = exact_match(logits, batch.labels)
         masks = {layer: state.select(m.float()) for layer, m in state.lr_maps} if mode != "lowres" else {}
         for b, i in enumerate(idx):
             fam = cache["meta"][i]["family"]
@@ -911,7 +917,7 @@ def stage2_align(tower_dir, cache_dir, out, steps, batch_size, lr, seed, max_min
 @torch.no_grad()
 def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> dict[str, float]:
     """Teacher-forced accuracy on each LR-answerable control kind (first n tuning images), lowres mode."""
-    from flexattn.training import IGNORE, teacher_forced
+    from flexattn.training import teacher_forced
 
     model.eval()
     got = {}
@@ -925,8 +931,7 @@ def _control_eval(model, tokenizer, cache, seed, n: int = 300) -> dict[str, floa
             batch = make_batch(tokenizer, items)
             logits, _ = teacher_forced(model, batch, project(model, cache["lr"][idx]), None, model.flex_settings,
                                        [(336, 336)] * len(idx), mode="lowres")
-            pred, gold = logits[:, :-1].argmax(-1), batch.labels[:, 1:]
-            ok += int(((pred == gold) | (gold == IGNORE)).all(1).sum())
+            ok += int(exact_match(logits, batch.labels).sum())
             tot += len(idx)
         got[kind] = round(ok / max(tot, 1), 4)
     return got
