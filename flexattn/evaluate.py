@@ -127,7 +127,8 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
             })
             bar.update()
     bar.close()
-    out = {"model": vlm.name, "bench": bench, "n": n, "seed": seed, "modes": {}}
+    out = {"model": vlm.name, "bench": bench, "n": n, "seed": seed, "flex_settings": vlm.settings.to_dict(),
+           "modes": {}}
     for mode in modes:
         rows = per_run[(mode, None)]
         block = _summary(rows)
@@ -197,7 +198,8 @@ def option_loss(vlm, prepared, question: str, option: str, mode: str) -> float:
 
 def evaluate_vstar(vlm, root, modes=("lowres", "flex"), progress: bool = True) -> dict:
     items = load_vstar(root)
-    out = {"model": vlm.name, "bench": "vstar", "n": len(items), "modes": {}}
+    out = {"model": vlm.name, "bench": "vstar", "n": len(items), "flex_settings": vlm.settings.to_dict(),
+           "modes": {}}
     for mode in modes:
         per_subset = defaultdict(list)
         for item in tqdm(items, desc=f"V* {mode}", disable=not progress):
@@ -212,7 +214,9 @@ def evaluate_vstar(vlm, root, modes=("lowres", "flex"), progress: bool = True) -
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['bench']}  model={result['model']}  n={result['n']}"]
+    flex = result.get("flex_settings", {})
+    lines = [f"{result['bench']}  model={result['model']}  n={result['n']}  threshold={flex.get('threshold')}  "
+             f"pool={flex.get('pool_size')}"]
     header = f"{'mode':<11}{'family':<11}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}"
     lines.append(header)
     def fmt(value, spec):
@@ -251,6 +255,9 @@ def add_parser(sub, add_model_args) -> None:
     for name, default in (("vision-evict-rate", 0.5), ("compute-skip-rate", 0.7), ("text-evict-rate", 0.4)):
         parser.add_argument(f"--{name}", type=float, default=default, help="A-VL rate")
     parser.add_argument("--refresh-every", type=int, default=3, help="A-VL refresh period (steps)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="selection threshold, 0-255 (default: the model's); to trace recall against HR share")
+    parser.add_argument("--pool-size", type=int, default=None, help="selection pooling grid (default: the model's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_cli)
 
@@ -263,6 +270,9 @@ def run_cli(args) -> int:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     vlm = _load(args)
+    if args.threshold is not None or args.pool_size is not None:  # every mode and bench reads the model's settings
+        vlm.model.config.flex_attention = vlm.settings.with_overrides(threshold=args.threshold,
+                                                                      pool_size=args.pool_size).to_dict()
     if args.bench == "vstar":
         if not args.vstar_dir:
             raise ValueError("--bench vstar needs --vstar-dir DIR")

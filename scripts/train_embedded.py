@@ -502,7 +502,7 @@ def _clearly_left(a: dict, b: dict) -> bool:
 # Questions that name a shape by its letter. The letter is not legible at LR, so the LR map can at best find every
 # shape that carries one: these rows' selection targets (attention loss, planted masks) are all shapes, and HR
 # attention has to find the named letter among them. Held-out recall is still measured on the true target.
-FIND_BY_LETTER = ("colour_of", "spatial")
+FIND_BY_LETTER = ("colour_of", "spatial", "spatial_row")
 SPATIAL_ANSWERS_ = ("left", "right")
 
 
@@ -518,7 +518,7 @@ class Question(NamedTuple):
 
 
 # Questions whose answer is on an HR glyph (the others are LR-answerable controls): they get the reading loss.
-READ_KINDS = ("letter_of", "colour_of", "spatial", "reading")
+READ_KINDS = ("letter_of", "colour_of", "spatial", "spatial_row", "reading")
 
 
 def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | None = None) -> Question | None:
@@ -552,14 +552,17 @@ def _question(meta: dict, kind: str, rng: random.Random):
     if kind == "colour_of":
         s = shapes[rng.randrange(n)]
         return f"what colour is the shape marked {s['letter']} ?", s["colour"], [[s]]
-    if kind in ("spatial", "ctl_spatial"):
-        pairs = [(i, j) for i in range(n) for j in range(n) if i != j and _clearly_left(shapes[i], shapes[j])]
+    if kind in ("spatial", "spatial_row", "ctl_spatial"):
+        # spatial_row: the two glyphs share an HR row, so left of == earlier in the image tokens' raster order
+        # (an experiment on what rotary positions can carry, TRAINING.md item 26; not in the recipe's mixes)
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j and _clearly_left(shapes[i], shapes[j])
+                 and (kind != "spatial_row" or shapes[i]["centre"][1] == shapes[j]["centre"][1])]
         if not pairs:
             return None
         left, right = pairs[rng.randrange(len(pairs))]
         side = rng.choice(SPATIAL_ANSWERS_)
         a, b = (shapes[left], shapes[right]) if side == "left" else (shapes[right], shapes[left])
-        if kind == "spatial":
+        if kind != "ctl_spatial":
             q = f"is the {a['letter']} left or right of the {b['letter']} ?"
         else:
             q = f"is the {a['colour']} {a['kind']} left or right of the {b['colour']} {b['kind']} ?"

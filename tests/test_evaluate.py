@@ -89,9 +89,15 @@ def test_eval_cli_prints_one_json_object(synthetic_vlm, tmp_path):
     path = write_transformers_checkpoint(synthetic_vlm, tmp_path / "ckpt")
     out = subprocess.run(
         [sys.executable, "-m", "flexattn", "eval", "--model", str(path), "--bench", "synthetic", "--n", "2",
-         "--modes", "lowres,flex", "--max-new-tokens", "2", "--json"],
+         "--modes", "lowres,flex", "--max-new-tokens", "2", "--threshold", "200", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert set(result["modes"]) == {"lowres", "flex"} and "shifted_mask_accuracy" in result["modes"]["flex"]
+    # --threshold overrides the model's (120): a higher one lets fewer HR tokens through
+    assert result["flex_settings"]["threshold"] == 200 and result["flex_settings"]["pool_size"] == 8
+    own = evaluate_synthetic(synthetic_vlm, "synthetic", n=2, modes=("flex",), shifted=False, progress=False,
+                             max_new_tokens=2)
+    assert own["flex_settings"]["threshold"] == 120
+    assert 0 < result["modes"]["flex"]["hr_share"] < own["modes"]["flex"]["hr_share"]
