@@ -34,6 +34,9 @@ class Batch:
     image_start: int
     target_cells: torch.Tensor | None  # (B, R, g, g) bool: LR cells each row should look at
     read_cells: torch.Tensor | None = None  # (B, R, G*G) bool: HR tokens each row should read its answer from
+    # (B, R, g, g) bool: what each row's LR map should find from `late_layer` on (forward_loss), e.g. only the shape
+    # whose letter the question names, once earlier layers have read the letters of every shape
+    late_target_cells: torch.Tensor | None = None
 
 
 def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
@@ -43,10 +46,10 @@ def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], li
     return before, after, answer_ids
 
 
-def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None) -> Batch:
+def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None, row_late_targets=None) -> Batch:
     """examples: (question, answer) pairs; row_targets[i][k]: (g, g) bool cells the row predicting answer token k
     should attend to (or None); the row predicting EOS may be given one too. row_reads[i][k]: likewise, (G, G)
-    bool HR tokens that row should read (or None)."""
+    bool HR tokens that row should read (or None). row_late_targets: as row_targets, for the late layers."""
     encoded = [encode_example(tokenizer, q, a) for q, a in examples]
     starts = {len(before) for before, _, _ in encoded}
     if len(starts) != 1:
@@ -84,6 +87,7 @@ def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None)
         return cells
 
     cells = per_row_cells(row_targets, (lr_grid, lr_grid)) if row_targets is not None else None
+    late = per_row_cells(row_late_targets, (lr_grid, lr_grid)) if row_late_targets is not None else None
     reads = None
     if row_reads is not None:
         sides = {torch.as_tensor(t).shape[-1] for per_row in row_reads for t in per_row if t is not None}
@@ -92,7 +96,7 @@ def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None)
         if sides:  # else no row reads anything: no read cells
             side = sides.pop()
             reads = per_row_cells(row_reads, (side, side)).flatten(2)
-    return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells, reads)
+    return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells, reads, late)
 
 
 def teacher_forced(
@@ -136,13 +140,17 @@ def forward_loss(
     planted_selection: torch.Tensor | None = None,
     select_weight: float = 0.0,
     read_weight: float = 0.0,
+    late_layer: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on answer tokens + aux_weight x attention loss + select_weight x selection loss
     + read_weight x reading loss (needs `batch.read_cells`).
     lr/hr_features: (B, g*g, D) / (B, G*G, D).
 
     planted_selection: (B, R, G*G) masks each row uses instead of its own selection (flex mode), e.g.
-    `target_masks(batch, zoom)`; the LR maps still get the attention loss."""
+    `target_masks(batch, zoom)`; the LR maps still get the attention loss.
+    late_layer: from this layer on, the attention and selection losses aim the LR maps at
+    `batch.late_target_cells` instead of `batch.target_cells` (each layer's selection drives the next, so early
+    layers can look at every candidate and later ones at the one the HR tokens showed to be right)."""
     device = lr_features.device
     logits, state = teacher_forced(model, batch, lr_features, hr_features, settings, original_sizes, mode,
                                    keep_lr_maps=aux_weight > 0 or select_weight > 0,
@@ -151,15 +159,18 @@ def forward_loss(
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
     stats = {"ce": ce.item()}
     loss = ce
+    if late_layer is not None and batch.late_target_cells is None:
+        raise ValueError("late_layer needs the batch's late targets: collate(..., row_late_targets=...)")
+    late = batch.late_target_cells.to(device) if late_layer is not None else None
     if aux_weight > 0 and state.lr_maps and batch.target_cells is not None:
-        aux = attention_loss(state.lr_maps, batch.target_cells.to(device))
+        aux = by_layer(attention_loss, state.lr_maps, batch.target_cells.to(device), late, late_layer)
         loss = loss + aux_weight * aux
         stats["aux"] = aux.item()
     if select_weight > 0 and state.lr_maps and batch.target_cells is not None:
         # The last layer's map selects for no later layer, so only the maps whose masks are used take part.
         last = model.config.get_text_config().num_hidden_layers - 1
         used = [(layer, m) for layer, m in state.lr_maps if layer < last]
-        sel = selection_loss(used, batch.target_cells.to(device), settings.threshold)
+        sel = by_layer(selection_loss, used, batch.target_cells.to(device), late, late_layer, settings.threshold)
         loss = loss + select_weight * sel
         stats["sel"] = sel.item()
     if read_weight > 0 and state.hr_maps and batch.read_cells is not None:
@@ -167,6 +178,17 @@ def forward_loss(
         loss = loss + read_weight * read
         stats["read"] = read.item()
     return loss, stats
+
+
+def by_layer(loss_fn, lr_maps, targets: torch.Tensor, late_targets: torch.Tensor | None, late_layer: int | None,
+             *args) -> torch.Tensor:
+    """loss_fn(maps, targets) with the maps of layers >= late_layer scored against late_targets instead: the mean of
+    the two groups' losses weighted by their numbers of layers (so without late targets it is loss_fn itself)."""
+    if late_targets is None or late_layer is None:
+        return loss_fn(lr_maps, targets, *args)
+    groups = [(g, t) for g, t in (([m for m in lr_maps if m[0] < late_layer], targets),
+                                  ([m for m in lr_maps if m[0] >= late_layer], late_targets)) if g]
+    return sum(len(g) * loss_fn(g, t, *args) for g, t in groups) / sum(len(g) for g, _ in groups)
 
 
 def target_masks(batch: Batch, zoom: int) -> torch.Tensor:

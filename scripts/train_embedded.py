@@ -18,8 +18,11 @@ families + control questions in flex, select_all and planted batches. Questions 
 LR) target every shape (`FIND_BY_LETTER`).
 Stage 4: refinement (`refine`), mostly attribute questions, half planted, half flex: first with the reading loss
 (HR attention on the glyph the answer needs), then also with the selection loss (the thresholded map covers the
-named shape, or every shape when the question names a letter). After stages 3 and 4 the threshold is chosen on
-tuning images (seeds TUNE_SEED+), never on the reported held-out ones.
+named shape, or every shape when the question names a letter).
+Stage 5: narrowing (`narrow`), stage 4's questions with per-layer targets: the early selecting layers still find every
+shape a letter-naming question could be about, the late ones (from --late-layer) only the named shape, which the HR
+tokens read in between have shown. After stages 3-5 the threshold is chosen on tuning images (seeds TUNE_SEED+),
+never on the reported held-out ones.
 
 Seeds: training images use seeds below HELDOUT_SEED; held-out evaluation uses seeds >= HELDOUT_SEED.
 On a CPU shared with other jobs, TRAIN_THREADS=1 is several times faster than 2 threads.
@@ -509,12 +512,14 @@ SPATIAL_ANSWERS_ = ("left", "right")
 class Question(NamedTuple):
     """A training or evaluation question. targets: per answer token, the boxes its LR map should find (the
     selection target); reads: per answer token, the centres of the glyphs it should read among the HR tokens,
-    or None for LR-answerable (control) questions."""
+    or None for LR-answerable (control) questions; named: per answer token, the boxes of the shapes the answer is
+    about (the targets of late layers, stage 5; None: the targets)."""
 
     question: str
     answer: str
     targets: list
     reads: list | None
+    named: list | None = None
 
 
 # Questions whose answer is on an HR glyph (the others are LR-answerable controls): they get the reading loss.
@@ -530,7 +535,7 @@ def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | N
     if got is None:
         return None
     question, answer, named = got
-    boxes = [[s["box"] for s in shapes] for shapes in named]
+    named_boxes = boxes = [[s["box"] for s in shapes] for shapes in named]
     reads = [[s["centre"] for s in shapes] for shapes in named] if kind in READ_KINDS else None
     if kind in FIND_BY_LETTER:
         every = [s["box"] for s in meta["shapes"]]
@@ -539,7 +544,7 @@ def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | N
             rng.shuffle(others)
             every = boxes[0] + others[: max(0, find_among - len(boxes[0]))]
         boxes = [every]
-    return Question(question, answer, boxes, reads)
+    return Question(question, answer, boxes, reads, named_boxes)
 
 
 def _question(meta: dict, kind: str, rng: random.Random):
@@ -652,7 +657,8 @@ def make_batch(tokenizer, items: list[Question]):
     examples = [(q.question, q.answer) for q in items]
     targets = [_row_targets(q.targets, len(q.answer.split())) for q in items]
     reads = [_row_reads(q.reads, len(q.answer.split())) for q in items]
-    return collate(tokenizer, examples, LR_GRID, row_targets=targets, row_reads=reads)
+    late = [_row_targets(q.named or q.targets, len(q.answer.split())) for q in items]
+    return collate(tokenizer, examples, LR_GRID, row_targets=targets, row_reads=reads, row_late_targets=late)
 
 
 # ---- training loop ---------------------------------------------------------------------------------------
@@ -669,7 +675,8 @@ class Phase:
 
     Modes: "lowres", "flex", "select_all", or "planted" (flex with each row's ground-truth target as its mask, so
     reading HR tokens is learned even while the model's own selection misses; the LR maps still get the loss).
-    find_among: how many shapes a FIND_BY_LETTER question's target holds (None: all of them), see make_question."""
+    find_among: how many shapes a FIND_BY_LETTER question's target holds (None: all of them), see make_question.
+    late_layer: from this selecting layer on, the attention and selection losses target the named shape(s) only."""
 
     steps: int
     mix: dict[str, float]
@@ -678,6 +685,7 @@ class Phase:
     find_among: int | None = None
     select_weight: float = 0.0
     read_weight: float = 0.0
+    late_layer: int | None = None
 
 
 def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batch_size: int, lr: float, seed: int,
@@ -707,7 +715,7 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
         loss, stats = forward_loss(model, batch, lr_feats, hr_feats, settings, [(336, 336)] * batch_size,
                                    mode="flex" if planted is not None else mode, aux_weight=phase.aux_weight,
                                    planted_selection=planted, select_weight=phase.select_weight,
-                                   read_weight=phase.read_weight)
+                                   read_weight=phase.read_weight, late_layer=phase.late_layer)
         optimiser_step(opt, sched, loss, params)
         done = step + 1
         for k, v in stats.items():
@@ -1057,6 +1065,39 @@ def stage4_refine(init_dir, cache_dir, out, find_steps, cover_steps, batch_size,
     return info
 
 
+def with_share(mix: dict[str, float], kind: str, share: float) -> dict[str, float]:
+    """The mix with `kind` at `share` and the other kinds scaled to fill the rest in their proportions."""
+    rest = sum(v for k, v in mix.items() if k != kind)
+    return {k: share if k == kind else v * (1 - share) / rest for k, v in mix.items()}
+
+
+def stage5_narrow(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, read_weight,
+                  select_weight, late_layer, thresholds, spatial_share: float = REFINE_MIX["spatial"]) -> dict:
+    """From the stage-4 model, stage 4's mix and modes with one change: from `late_layer` on, the attention and
+    selection losses aim each row's LR map at the shape(s) its question names, not at every shape, for questions
+    that name a letter (TRAINING.md item 28). Layers before it still select every shape, HR attention there finds
+    the named letter among them, and the late layers narrow the selection to that letter's shape."""
+    tokenizer, model, train, tune, params = _load_for_tuning(init_dir, cache_dir, seed)
+    out = Path(out)
+    mix = with_share(REFINE_MIX, "spatial", spatial_share)
+    phase = Phase(steps, mix, {"flex": 0.5, "planted": 0.5}, aux_weight, read_weight=read_weight,
+                  select_weight=select_weight, late_layer=late_layer)
+    done, secs = train_loop(model, tokenizer, train, stage="stage5 narrow", phases=[phase], batch_size=batch_size,
+                            lr=lr, seed=seed, max_minutes=max_minutes, params=params)
+    print(f"stage5 narrow: {done} steps in {secs / 60:.2f} min")
+    best, results = choose_threshold(model, tokenizer, tune, thresholds)
+    info = {"stage": "stage5_narrow", "init": str(init_dir), "steps": done, "batch_size": batch_size,
+            "seconds": secs, "lr": lr, "aux_weight": aux_weight, "read_weight": read_weight,
+            "select_weight": select_weight, "late_layer": late_layer, "mix": mix, "modes": phase.modes,
+            "threshold": best, "threshold_search": {str(t): results[t] for t in thresholds},
+            "train_images": len(train["meta"])}
+    previous = Path(init_dir) / "training_info.json"
+    if previous.is_file():
+        info["init_info"] = json.loads(previous.read_text())
+    _save_model(model, tokenizer, out, info)
+    return info
+
+
 def heldout_report(model_dir, cache_dir, n: int | None = None, shift: int = LR_GRID) -> dict:
     """Teacher-forced held-out numbers for lowres / flex / select_all / shifted masks (fast; == greedy decoding)."""
     from flexattn.loading import load as load_model
@@ -1194,8 +1235,21 @@ def main(argv=None):
         p.add_argument("--select-weight4", type=float, default=0.5)
         p.add_argument("--max-minutes4", type=float, default=25.0)
 
+    def s5_args(p):
+        p.add_argument("--steps5", type=int, default=1500)
+        p.add_argument("--batch-size5", type=int, default=16)
+        p.add_argument("--lr5", type=float, default=3e-4)
+        p.add_argument("--aux-weight5", type=float, default=0.5)
+        p.add_argument("--read-weight5", type=float, default=1.0)
+        p.add_argument("--select-weight5", type=float, default=0.5)
+        p.add_argument("--late-layer", type=int, default=4,
+                       help="from this layer on, LR maps aim at the named shape(s) only")
+        p.add_argument("--spatial5", type=float, default=REFINE_MIX["spatial"],
+                       help="share of letter-named left/right questions in the mix (the rest as stage 4's)")
+        p.add_argument("--max-minutes5", type=float, default=20.0)
+
     common = dict(tower="build/stage1_tower", cache="build/stage2_cache", align="build/stage2_align",
-                  flex="build/stage3_flex")
+                  flex="build/stage3_flex", refine="build/stage4_refine")
 
     def paths(p, *names):
         for n in names:
@@ -1222,9 +1276,14 @@ def main(argv=None):
     s3_args(f)
     r = sub.add_parser("refine", help="stage 4: finding a named letter and covering what the question needs")
     paths(r, "cache", "flex")
-    r.add_argument("--out", default="assets/flexattn-tiny")
+    r.add_argument("--out", default=common["refine"])
     r.add_argument("--thresholds", default="32,64,96,128,160,192")
     s4_args(r)
+    nw = sub.add_parser("narrow", help="stage 5: late layers select only the shape the question names")
+    paths(nw, "cache", "refine")
+    nw.add_argument("--out", default="assets/flexattn-tiny")
+    nw.add_argument("--thresholds", default="32,64,96,128,160,192")
+    s5_args(nw)
     e = sub.add_parser("report", help="teacher-forced held-out numbers of a trained model")
     e.add_argument("--model", default="assets/flexattn-tiny")
     paths(e, "cache")
@@ -1235,14 +1294,14 @@ def main(argv=None):
     ex = sub.add_parser("examples", help="write the app's held-out example images and examples.json")
     ex.add_argument("--out", default="assets/examples")
     ex.add_argument("--model", default=None, help="also print this model's answers to them")
-    al = sub.add_parser("all", help="stage 1 -> 2 -> 3 -> 4")
+    al = sub.add_parser("all", help="stage 1 -> 2 -> 3 -> 4 -> 5")
     al.add_argument("--out", default="assets/flexattn-tiny")
-    paths(al, "tower", "cache", "align", "flex")
+    paths(al, "tower", "cache", "align", "flex", "refine")
     al.add_argument("--reuse-tower", action="store_true", help="keep an existing stage-1 tower at --tower")
     al.add_argument("--workers", type=int, default=1)
-    for fn in (s1_args, s2c_args, s2a_args, s3_args, s4_args):
+    for fn in (s1_args, s2c_args, s2a_args, s3_args, s4_args, s5_args):
         fn(al)
-    for p in (s1, c, a, f, r, al):
+    for p in (s1, c, a, f, r, nw, al):
         p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -1277,9 +1336,13 @@ def main(argv=None):
                     thresholds, args.read_steps, args.select_steps, args.planted_share, args.match_steps,
                     args.match_shapes, args.select_weight, args.read_weight)
     if args.stage in ("refine", "all"):
-        stage4_refine(args.flex, args.cache, args.out, args.find_steps, args.cover_steps, args.batch_size4, args.lr4,
-                      args.seed, args.max_minutes4, args.aux_weight4, args.read_weight4, args.select_weight4,
-                      thresholds)
+        stage4_refine(args.flex, args.cache, args.out if args.stage == "refine" else args.refine, args.find_steps,
+                      args.cover_steps, args.batch_size4, args.lr4, args.seed, args.max_minutes4, args.aux_weight4,
+                      args.read_weight4, args.select_weight4, thresholds)
+    if args.stage in ("narrow", "all"):
+        stage5_narrow(args.refine, args.cache, args.out, args.steps5, args.batch_size5, args.lr5, args.seed,
+                      args.max_minutes5, args.aux_weight5, args.read_weight5, args.select_weight5, args.late_layer,
+                      thresholds, args.spatial5)
     if args.stage in ("report", "all"):
         rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
                              getattr(args, "n", None))

@@ -24,9 +24,9 @@ NOT_YET_READ = pytest.mark.xfail(
 )
 
 # (seed, family): held-out samples. Attribute: of seeds 10_000_000 + 3i, the first colour question and the first
-# letter question that flex answers and lowres does not (10_000_000 and 10_000_003 are flex misses), so they pin
-# this checkpoint's behaviour; test_flex_reads_what_only_hr_shows measures the rates. Reading: the first two,
-# unfiltered.
+# letter question that flex answers and lowres does not (10_000_000 is a flex miss; at 10_000_003 lowres guesses
+# the letter too), so they pin this checkpoint's behaviour; test_flex_reads_what_only_hr_shows measures the rates.
+# Reading: the first two, unfiltered.
 SAMPLES = [
     (10_000_006, "attribute"),
     (10_000_009, "attribute"),

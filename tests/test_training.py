@@ -6,7 +6,8 @@ import torch
 
 from flexattn.attention import select_hr_tokens
 from flexattn.training import (
-    attention_loss, box_cells, collate, forward_loss, reading_loss, selection_loss, target_masks, teacher_forced,
+    attention_loss, box_cells, by_layer, collate, forward_loss, reading_loss, selection_loss, target_masks,
+    teacher_forced,
 )
 
 from .conftest import make_vlm, random_image
@@ -36,6 +37,25 @@ def test_teacher_forced_rows_reproduce_cached_decoding():
         predicted = logits[i, rows].argmax(-1).tolist()
         assert predicted[: len(ids)] == ids  # the rows predicting each answer token pick the decoded token
     assert torch.isfinite(loss) and stats["ce"] > 0
+
+
+def test_late_layers_are_scored_against_their_own_targets():
+    every = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    every[0, 0, 0, 0] = every[0, 0, 3, 3] = True  # two candidate shapes
+    named = torch.zeros_like(every)
+    named[0, 0, 3, 3] = True  # the one the question names
+    spread, narrowed = every.float() + 1e-6, named.float() + 1e-6  # attention on both / on the named one
+
+    def loss(early_map, late_map, late):
+        return float(by_layer(attention_loss, [(2, early_map), (4, late_map)], every, late, 4 if late is not None else None))
+
+    assert loss(spread, narrowed, named) < 1e-4  # early layers look at every candidate, late ones at the named
+    assert abs(loss(spread, spread, named) - 0.5 * -torch.log(torch.tensor(0.5))) < 1e-3  # late layer not narrowed
+    elsewhere = torch.full((1, 1, 4, 4), 1e-6)
+    elsewhere[0, 0, 1, 2] = 1.0
+    assert loss(spread, elsewhere, named) > 5 and loss(elsewhere, narrowed, named) > 5  # each layer keeps its target
+    assert loss(spread, spread, None) < 1e-4  # without late targets: every layer against `every`, as before
+    assert float(by_layer(attention_loss, [(2, spread)], every, None, None)) == float(attention_loss([(2, spread)], every))
 
 
 def test_attention_loss_prefers_attention_on_target():
