@@ -394,6 +394,9 @@ STAGE3_MIX = {"letter_of": 0.15, "colour_of": 0.15, "spatial": 0.15, "reading": 
 # reading questions the model forgets to answer them at all: it emits EOS at once, item 20).
 REFINE_MIX = {"colour_of": 0.35, "letter_of": 0.25, "reading": 0.15, "spatial": 0.05, "ctl_colour": 0.1,
               "ctl_shape": 0.1}
+# Stage 5: letter-naming kinds whose late selecting layers aim at the named shape only. Left/right questions keep
+# every shape there: aimed at their two named shapes, held-out recall fell to 0.63 instead of 0.69 (item 28).
+NARROW_KINDS = ("colour_of",)
 
 
 def flex_settings(threshold: float = DEFAULT_THRESHOLD):
@@ -513,13 +516,14 @@ class Question(NamedTuple):
     """A training or evaluation question. targets: per answer token, the boxes its LR map should find (the
     selection target); reads: per answer token, the centres of the glyphs it should read among the HR tokens,
     or None for LR-answerable (control) questions; named: per answer token, the boxes of the shapes the answer is
-    about (the targets of late layers, stage 5; None: the targets)."""
+    about (stage 5's targets for late layers, see make_batch; None: the targets); kind: the question kind."""
 
     question: str
     answer: str
     targets: list
     reads: list | None
     named: list | None = None
+    kind: str = ""
 
 
 # Questions whose answer is on an HR glyph (the others are LR-answerable controls): they get the reading loss.
@@ -544,7 +548,7 @@ def make_question(meta: dict, kind: str, rng: random.Random, find_among: int | N
             rng.shuffle(others)
             every = boxes[0] + others[: max(0, find_among - len(boxes[0]))]
         boxes = [every]
-    return Question(question, answer, boxes, reads, named_boxes)
+    return Question(question, answer, boxes, reads, named_boxes, kind)
 
 
 def _question(meta: dict, kind: str, rng: random.Random):
@@ -650,14 +654,15 @@ def _row_reads(glyph_centres, n_answer_tokens: int):
     return _per_row(cells, n_answer_tokens)
 
 
-def make_batch(tokenizer, items: list[Question]):
-    """Questions -> training.Batch with per-row target cells (LR) and read cells (HR glyphs)."""
+def make_batch(tokenizer, items: list[Question], narrow: tuple[str, ...] = ()):
+    """Questions -> training.Batch with per-row target cells (LR), read cells (HR glyphs) and late target cells: the
+    named shapes for questions of the `narrow` kinds, else the targets."""
     from flexattn.training import collate
 
     examples = [(q.question, q.answer) for q in items]
     targets = [_row_targets(q.targets, len(q.answer.split())) for q in items]
     reads = [_row_reads(q.reads, len(q.answer.split())) for q in items]
-    late = [_row_targets(q.named or q.targets, len(q.answer.split())) for q in items]
+    late = [_row_targets(q.named if q.kind in narrow and q.named else q.targets, len(q.answer.split())) for q in items]
     return collate(tokenizer, examples, LR_GRID, row_targets=targets, row_reads=reads, row_late_targets=late)
 
 
@@ -676,7 +681,8 @@ class Phase:
     Modes: "lowres", "flex", "select_all", or "planted" (flex with each row's ground-truth target as its mask, so
     reading HR tokens is learned even while the model's own selection misses; the LR maps still get the loss).
     find_among: how many shapes a FIND_BY_LETTER question's target holds (None: all of them), see make_question.
-    late_layer: from this selecting layer on, the attention and selection losses target the named shape(s) only."""
+    late_layer: from this selecting layer on, the attention and selection losses target the named shape(s) only,
+    for questions of the `narrow` kinds."""
 
     steps: int
     mix: dict[str, float]
@@ -686,6 +692,7 @@ class Phase:
     select_weight: float = 0.0
     read_weight: float = 0.0
     late_layer: int | None = None
+    narrow: tuple[str, ...] = ()
 
 
 def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batch_size: int, lr: float, seed: int,
@@ -707,7 +714,7 @@ def train_loop(model, tokenizer, cache, *, stage: str, phases: list[Phase], batc
     done = 0
     for step, phase in enumerate(schedule):
         idx, items = draw_batch(cache, phase.mix, rng, batch_size, find_among=phase.find_among)
-        batch = make_batch(tokenizer, items)
+        batch = make_batch(tokenizer, items, phase.narrow)
         mode = rng.choices(list(phase.modes), list(phase.modes.values()))[0]
         planted = target_masks(batch, ZOOM) if mode == "planted" else None
         lr_feats = project(model, cache["lr"][idx])
@@ -1072,23 +1079,25 @@ def with_share(mix: dict[str, float], kind: str, share: float) -> dict[str, floa
 
 
 def stage5_narrow(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, read_weight,
-                  select_weight, late_layer, thresholds, spatial_share: float = REFINE_MIX["spatial"]) -> dict:
+                  select_weight, late_layer, thresholds, spatial_share: float = REFINE_MIX["spatial"],
+                  narrow: tuple[str, ...] = NARROW_KINDS) -> dict:
     """From the stage-4 model, stage 4's mix and modes with one change: from `late_layer` on, the attention and
-    selection losses aim each row's LR map at the shape(s) its question names, not at every shape, for questions
-    that name a letter (TRAINING.md item 28). Layers before it still select every shape, HR attention there finds
-    the named letter among them, and the late layers narrow the selection to that letter's shape."""
+    selection losses aim each row's LR map at the shape(s) its question names, not at every shape, for letter-naming
+    questions of the `narrow` kinds (TRAINING.md item 28). Layers before it still select every shape, HR attention
+    there finds the named letter among them, and the late layers narrow the selection to that letter's shape."""
     tokenizer, model, train, tune, params = _load_for_tuning(init_dir, cache_dir, seed)
     out = Path(out)
     mix = with_share(REFINE_MIX, "spatial", spatial_share)
     phase = Phase(steps, mix, {"flex": 0.5, "planted": 0.5}, aux_weight, read_weight=read_weight,
-                  select_weight=select_weight, late_layer=late_layer)
+                  select_weight=select_weight, late_layer=late_layer, narrow=tuple(narrow))
     done, secs = train_loop(model, tokenizer, train, stage="stage5 narrow", phases=[phase], batch_size=batch_size,
                             lr=lr, seed=seed, max_minutes=max_minutes, params=params)
     print(f"stage5 narrow: {done} steps in {secs / 60:.2f} min")
     best, results = choose_threshold(model, tokenizer, tune, thresholds)
     info = {"stage": "stage5_narrow", "init": str(init_dir), "steps": done, "batch_size": batch_size,
             "seconds": secs, "lr": lr, "aux_weight": aux_weight, "read_weight": read_weight,
-            "select_weight": select_weight, "late_layer": late_layer, "mix": mix, "modes": phase.modes,
+            "select_weight": select_weight, "late_layer": late_layer, "narrow": list(narrow), "mix": mix,
+            "modes": phase.modes,
             "threshold": best, "threshold_search": {str(t): results[t] for t in thresholds},
             "train_images": len(train["meta"])}
     previous = Path(init_dir) / "training_info.json"
@@ -1246,6 +1255,8 @@ def main(argv=None):
                        help="from this layer on, LR maps aim at the named shape(s) only")
         p.add_argument("--spatial5", type=float, default=REFINE_MIX["spatial"],
                        help="share of letter-named left/right questions in the mix (the rest as stage 4's)")
+        p.add_argument("--narrow-kinds", default=",".join(NARROW_KINDS),
+                       help="question kinds whose late layers aim at the named shape(s) only")
         p.add_argument("--max-minutes5", type=float, default=20.0)
 
     common = dict(tower="build/stage1_tower", cache="build/stage2_cache", align="build/stage2_align",
@@ -1342,7 +1353,7 @@ def main(argv=None):
     if args.stage in ("narrow", "all"):
         stage5_narrow(args.refine, args.cache, args.out, args.steps5, args.batch_size5, args.lr5, args.seed,
                       args.max_minutes5, args.aux_weight5, args.read_weight5, args.select_weight5, args.late_layer,
-                      thresholds, args.spatial5)
+                      thresholds, args.spatial5, tuple(k for k in args.narrow_kinds.split(",") if k))
     if args.stage in ("report", "all"):
         rep = heldout_report(args.model if args.stage == "report" else args.out, args.cache,
                              getattr(args, "n", None))

@@ -19,12 +19,15 @@ def test_letter_naming_questions_target_every_shape_early_and_the_named_one_late
         named = next(s for s in meta["shapes"] if s["colour"] == q.answer)
         assert q.question.endswith(f"marked {named['letter']} ?")
         assert q.targets == [[s["box"] for s in meta["shapes"]]] and q.named == [[named["box"]]]
-        batch = te.make_batch(te_tokenizer(), [q])
+        batch = te.make_batch(te_tokenizer(), [q], narrow=("colour_of",))
         early, late = batch.target_cells[0, 0], batch.late_target_cells[0, 0]  # the answering row's LR cells
         assert late.sum() > 0 and bool((late <= early).all()) and early.sum() > late.sum()
+        # kinds not narrowed keep every shape in the late layers too
+        same = te.make_batch(te_tokenizer(), [q], narrow=())
+        assert bool((same.target_cells == same.late_target_cells).all())
     # a question about the shape it names directly has the same target early and late
     q = te.make_question(meta, "letter_of", rng)
-    batch = te.make_batch(te_tokenizer(), [q])
+    batch = te.make_batch(te_tokenizer(), [q], narrow=("colour_of", "letter_of"))
     assert bool((batch.target_cells == batch.late_target_cells).all())
 
 
