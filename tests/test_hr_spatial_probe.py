@@ -33,7 +33,8 @@ def test_row_questions_pair_two_letters_on_one_hr_row():
 
 def test_heldout_sets_keep_rows_and_other_pairs_apart():
     probe = load_script("hr_spatial_probe")
-    metas = [_meta([(49, 105), (203, 105)]), _meta([(49, 105), (203, 147)]), _meta([(49, 105), (203, 105)], "attribute")]
+    one_row, two_rows = [(49, 105), (203, 105)], [(49, 105), (203, 147)]
+    metas = [_meta(one_row), _meta(two_rows), _meta(one_row, "attribute")]
     sets = probe.heldout_sets(metas, among=2)
     assert [i for i, _ in sets["row"]] == [0, 2]
     assert [i for i, _ in sets["other"]] == [1]

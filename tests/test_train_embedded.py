@@ -6,8 +6,9 @@ from .conftest import load_script
 
 
 def _meta():
+    kinds = (("circle", "red", "e", 49), ("square", "blue", "k", 203), ("diamond", "green", "p", 287))
     shapes = [{"kind": k, "colour": c, "letter": l, "centre": [x, 105], "box": [x - 20, 85, x + 21, 126]}
-              for k, c, l, x in (("circle", "red", "e", 49), ("square", "blue", "k", 203), ("diamond", "green", "p", 287))]
+              for k, c, l, x in kinds]
     return {"shapes": shapes, "family": "attribute", "kind": "colour_of", "question": "", "answer": "", "targets": [1]}
 
 

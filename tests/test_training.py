@@ -47,7 +47,8 @@ def test_late_layers_are_scored_against_their_own_targets():
     spread, narrowed = every.float() + 1e-6, named.float() + 1e-6  # attention on both / on the named one
 
     def loss(early_map, late_map, late):
-        return float(by_layer(attention_loss, [(2, early_map), (4, late_map)], every, late, 4 if late is not None else None))
+        maps = [(2, early_map), (4, late_map)]
+        return float(by_layer(attention_loss, maps, every, late, 4 if late is not None else None))
 
     assert loss(spread, narrowed, named) < 1e-4  # early layers look at every candidate, late ones at the named
     assert abs(loss(spread, spread, named) - 0.5 * -torch.log(torch.tensor(0.5))) < 1e-3  # late layer not narrowed
@@ -55,7 +56,8 @@ def test_late_layers_are_scored_against_their_own_targets():
     elsewhere[0, 0, 1, 2] = 1.0
     assert loss(spread, elsewhere, named) > 5 and loss(elsewhere, narrowed, named) > 5  # each layer keeps its target
     assert loss(spread, spread, None) < 1e-4  # without late targets: every layer against `every`, as before
-    assert float(by_layer(attention_loss, [(2, spread)], every, None, None)) == float(attention_loss([(2, spread)], every))
+    plain = attention_loss([(2, spread)], every)
+    assert float(by_layer(attention_loss, [(2, spread)], every, None, None)) == float(plain)
 
 
 def test_attention_loss_prefers_attention_on_target():
