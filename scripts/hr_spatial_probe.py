@@ -85,10 +85,7 @@ def run(args) -> None:
     model = load(args.model, device="cpu", dtype=torch.float32).model
     torch.set_num_threads(args.threads)
     te._seed_all(args.seed)
-    model.model.vision_tower.requires_grad_(False)
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    for p in params:
-        p.requires_grad_(True)
+    params = te.trainable_params(model)
     train, held = te._load_cache(Path(args.cache) / "train.pt"), te._load_cache(Path(args.cache) / "heldout.pt")
     sets = heldout_sets(held["meta"], among)
 

@@ -662,7 +662,10 @@ def make_batch(tokenizer, items: list[Question], narrow: tuple[str, ...] = ()):
     examples = [(q.question, q.answer) for q in items]
     targets = [_row_targets(q.targets, len(q.answer.split())) for q in items]
     reads = [_row_reads(q.reads, len(q.answer.split())) for q in items]
-    late = [_row_targets(q.named if q.kind in narrow and q.named else q.targets, len(q.answer.split())) for q in items]
+    late = targets  # the same cells unless some kind narrows (stage 5)
+    if narrow:
+        late = [_row_targets(q.named if q.kind in narrow and q.named else q.targets, len(q.answer.split()))
+                for q in items]
     return collate(tokenizer, examples, LR_GRID, row_targets=targets, row_reads=reads, row_late_targets=late)
 
 
@@ -854,7 +857,9 @@ def _load_cache(path):
     return torch.load(path, weights_only=True)  # tensors and plain dicts / lists: no pickled objects
 
 
-def _save_model(model, tokenizer, out: Path, info: dict | None = None) -> None:
+def _save_model(model, tokenizer, out: Path, info: dict | None = None, init_dir: str | Path | None = None) -> None:
+    """The checkpoint, tokenizer, processor and training_info.json; with `init_dir`, that info keeps the record of
+    the stage it continues (its training_info.json) as "init_info"."""
     from flexattn.synthetic import build_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -862,6 +867,9 @@ def _save_model(model, tokenizer, out: Path, info: dict | None = None) -> None:
     build_tokenizer(out)
     make_processor().save_pretrained(str(out))
     if info is not None:
+        previous = Path(init_dir) / "training_info.json" if init_dir is not None else None
+        if previous is not None and previous.is_file():
+            info["init_info"] = json.loads(previous.read_text())
         (out / "training_info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -965,13 +973,19 @@ def _load_for_tuning(init_dir, cache_dir, seed):
     _seed_all(seed)
     tokenizer = build_tokenizer()
     model = load_model(str(init_dir), device="cpu", dtype=torch.float32).model
-    model.model.vision_tower.requires_grad_(False)
+    params = trainable_params(model)
     train = _load_cache(Path(cache_dir) / "train.pt")
     tune = _load_cache(Path(cache_dir) / "tune.pt")
+    return tokenizer, model, train, tune, params
+
+
+def trainable_params(model) -> list:
+    """Tower frozen, everything else (projector, LLM, k/v_proj_hd) trainable: the parameters to optimise."""
+    model.model.vision_tower.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     for p in params:
         p.requires_grad_(True)
-    return tokenizer, model, train, tune, params
+    return params
 
 
 def stage3_flex(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_minutes, aux_weight, select_all_share,
@@ -1065,10 +1079,7 @@ def stage4_refine(init_dir, cache_dir, out, find_steps, cover_steps, batch_size,
             "aux_weight": aux_weight, "read_weight": read_weight, "select_weight": select_weight, "mix": REFINE_MIX,
             "modes": modes, "threshold": best, "threshold_search": {str(t): results[t] for t in thresholds},
             "train_images": len(train["meta"])}
-    previous = Path(init_dir) / "training_info.json"
-    if previous.is_file():  # keep the record of the stage this one continues
-        info["init_info"] = json.loads(previous.read_text())
-    _save_model(model, tokenizer, out, info)
+    _save_model(model, tokenizer, out, info, init_dir)
     return info
 
 
@@ -1100,10 +1111,7 @@ def stage5_narrow(init_dir, cache_dir, out, steps, batch_size, lr, seed, max_min
             "modes": phase.modes,
             "threshold": best, "threshold_search": {str(t): results[t] for t in thresholds},
             "train_images": len(train["meta"])}
-    previous = Path(init_dir) / "training_info.json"
-    if previous.is_file():
-        info["init_info"] = json.loads(previous.read_text())
-    _save_model(model, tokenizer, out, info)
+    _save_model(model, tokenizer, out, info, init_dir)
     return info
 
 
