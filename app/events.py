@@ -17,9 +17,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from flexattn import MODES, Answer, ImageError, PromptError, load_image
+from flexattn import Answer, ImageError, PromptError
 from flexattn.avl import AVLSettings
 from flexattn.cost import flex_layer_extra_flops
+from flexattn.image import open_image
 from flexattn.prompt import check_question
 
 from . import figures, runtime
@@ -37,18 +38,16 @@ def avl_options(on: bool, vision_evict_rate: float = AVL_DEFAULTS.vision_evict_r
                 compute_skip_rate: float = AVL_DEFAULTS.compute_skip_rate,
                 refresh_every: int = AVL_DEFAULTS.refresh_every,
                 text_evict_rate: float = AVL_DEFAULTS.text_evict_rate,
-                selection_scores: str = AVL_DEFAULTS.selection_scores) -> dict | None:
+                selection_scores: str = AVL_DEFAULTS.selection_scores) -> AVLSettings | None:
     """The page's A-VL switch and settings as the `avl=` argument of FlexVLM.answer/stream (None when off)."""
     if not on:
         return None
-    avl = dict(vision_evict_rate=float(vision_evict_rate), compute_skip_rate=float(compute_skip_rate),
-               refresh_every=int(refresh_every), text_evict_rate=float(text_evict_rate),
-               selection_scores=str(selection_scores))
     try:
-        AVLSettings(**avl)
+        return AVLSettings(vision_evict_rate=float(vision_evict_rate), compute_skip_rate=float(compute_skip_rate),
+                           refresh_every=int(refresh_every), text_evict_rate=float(text_evict_rate),
+                           selection_scores=str(selection_scores))
     except (TypeError, ValueError) as err:
         raise gr.Error(f"A-VL: {err}", title="Cannot do that") from None
-    return avl
 
 
 def _kib(n: float) -> str:
@@ -95,23 +94,9 @@ class Events:
         return self.vlm.model.config.text_config.num_hidden_layers
 
     # ---- image intake --------------------------------------------------------------------------------------
-    def image_notices(self, path: str, image: Image.Image) -> list[str]:
-        """What happened to the image on its way in (orientation, alpha, bit depth, resizing)."""
+    def size_notices(self, image: Image.Image) -> list[str]:
+        """What the model's fixed views do to an image of this size."""
         notes = []
-        try:
-            with Image.open(path) as raw:
-                mode, info = raw.mode, dict(raw.info)
-                orientation = raw.getexif().get(274, 1)
-        except Exception:  # load_image already accepted it; the header is only for notices
-            mode, info, orientation = None, {}, 1
-        if orientation not in (None, 1):
-            notes.append("The image was rotated upright following its EXIF orientation.")
-        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in info):
-            notes.append("Transparent areas of the image were filled with white.")
-        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            notes.append("The 16-bit image was scaled to 8 bits.")
-        if mode == "CMYK":
-            notes.append("The CMYK image was converted to RGB.")
         s = self.vlm.settings
         w, h = image.size
         if max(w, h) > s.hr_size:
@@ -134,14 +119,15 @@ class Events:
             state["image_path"] = path
             return state
         try:
-            image = load_image(path)
+            opened = open_image(path)
         except ImageError as err:
             raise _error(err) from None
+        image = opened.image
         fresh = new_session()
         fresh.update(
             image_key=key, image_path=path, view=figures.image_view(image),
             thumb=figures.image_view(image, figures.THUMB_SIDE, quality=75),
-            targets=self.targets.get(key, []), notices=self.image_notices(path, image),
+            targets=self.targets.get(key, []), notices=opened.notices + self.size_notices(image),
         )
         for note in fresh["notices"] if notify else ():
             gr.Info(note)
@@ -176,9 +162,8 @@ class Events:
 
     def options(self, mode: str, threshold: float | None, selection_layer: int | None, max_new_tokens: int,
                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                trace: bool | int = True, avl: dict | None = None) -> dict:
-        if mode not in MODES:
-            raise gr.Error(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", title="Cannot do that")
+                trace: bool | int = True, avl: AVLSettings | None = None) -> dict:
+        """The keyword options of FlexVLM.answer / stream (checked there, in flexattn.AnswerOptions)."""
         if trace is True:
             trace = self._trace_passes or runtime.trace_passes(self.vlm)
         return dict(
@@ -269,7 +254,7 @@ class Events:
             "stats": result.stats,
             "settings": result.settings,
             "trace": result.trace,
-            "untrained": bool(result.stats.get("untrained_hr_projections")),
+            "untrained": result.stats.untrained_hr_projections,
             "text_config": self.vlm.model.config.text_config,  # for the per-layer cost; renders never touch the model
         }
 
@@ -277,28 +262,27 @@ class Events:
         if not rec:
             return ""
         s = rec["stats"]
-        lat = s["latency_s"]
+        lat = s.latency_s
         sel = rec["settings"].get("selection_layer")
-        share = s["hr_attended_mean"] / s["hr_tokens"] if s["hr_tokens"] else 0.0
         lines = [
-            f"**{rec['mode']}** · {s['generated_tokens']} tokens · prompt {s['prompt_tokens']} tokens "
-            f"({s['lr_tokens']} LR) · HR tokens attended per layer after layer {sel}: "
-            f"**{s['hr_attended_mean']:.0f}** of {s['hr_tokens']} ({share:.0%})",
-            f"{s['tflops']:.4g} TFLOPs · {lat['total']:.2f} s (vision {lat['vision']:.2f} s, prefill "
-            f"{lat['prefill']:.2f} s, {lat['decode_per_token'] * 1000:.0f} ms/token)",
+            f"**{rec['mode']}** · {s.generated_tokens} tokens · prompt {s.prompt_tokens} tokens "
+            f"({s.lr_tokens} LR) · HR tokens attended per layer after layer {sel}: "
+            f"**{s.hr_attended_mean:.0f}** of {s.hr_tokens} ({s.hr_share:.0%})",
+            f"{s.tflops:.4g} TFLOPs · {lat.total:.2f} s in all: vision {lat.vision:.2f} s + generation "
+            f"{lat.generation:.2f} s (prefill {lat.prefill:.2f} s, {lat.decode_per_token * 1000:.0f} ms/token)",
         ]
-        if "avl" in s:
-            a = s["avl"]
-            full = a["kv_bytes_full_cache"]
-            lines.append(f"A-VL: KV cache **{_kib(s['kv_bytes'])}** of {_kib(full)} without eviction "
-                         f"({s['kv_bytes'] / full if full else 0:.0%}) · image tokens attended per decoding step "
-                         f"{a['visual_attention_ratio'] * s['lr_tokens']:.1f} of {s['lr_tokens']} on average "
-                         f"({a['visual_attention_ratio']:.0%})")
+        if s.avl is not None:
+            a = s.avl
+            full = a.kv_bytes_full_cache
+            lines.append(f"A-VL: KV cache **{_kib(s.kv_bytes)}** of {_kib(full)} without eviction "
+                         f"({s.kv_bytes / full if full else 0:.0%}) · image tokens attended per decoding step "
+                         f"{a.visual_attention_ratio * s.lr_tokens:.1f} of {s.lr_tokens} on average "
+                         f"({a.visual_attention_ratio:.0%})")
         else:
-            lines.append(f"KV cache {_kib(s['kv_bytes'])} (A-VL off: every token kept)")
-        if s.get("prefix_tokens_reused"):
+            lines.append(f"KV cache {_kib(s.kv_bytes)} (A-VL off: every token kept)")
+        if s.prefix_tokens_reused:
             lines.append(f"reused from an earlier question about this image: its features and the keys/values of "
-                         f"{s['prefix_tokens_reused']} prompt tokens")
+                         f"{s.prefix_tokens_reused} prompt tokens")
         if rec["untrained"] and rec["mode"] != "lowres":
             lines.append("⚠️ untrained HR projections: this checkpoint's HR keys/values are copies of k_proj/v_proj")
         return "  \n".join(lines)
@@ -354,9 +338,10 @@ class Events:
                       f"(layer · HR tokens selected{' · target recall' if boxes else ''})")
         grid_fig = figures.layers_grid_figure(state["thumb"], masks, boxes, recalls, grid_title)
         attended = [lt.hr_attended for lt in layers]
-        mflops = layer_hr_mflops(rec["text_config"], rec["stats"]["prompt_tokens"] + token, trace.selection_layer, attended)
+        mflops = layer_hr_mflops(rec["text_config"], rec["stats"].prompt_tokens + token, trace.selection_layer,
+                                 attended)
         chart = figures.layers_chart_figure(
-            attended, trace.hr_grid ** 2, mflops, rec["stats"]["flops"], trace.selection_layer, None,
+            attended, trace.hr_grid ** 2, mflops, rec["stats"].flops, trace.selection_layer, None,
             f"Token {token}: HR tokens attended and their cost, per layer")
         return lr_fig, mask_fig, grid_fig, chart, info, self.tokens_markdown(rec, token)
 
@@ -400,11 +385,11 @@ class Events:
             return None, None, ""
         rec, token, layer = picked
         s = rec["stats"]
-        if "avl" not in s:
+        if s.avl is None:
             return None, None, (f"A-VL was off for this answer: its KV cache keeps every token "
-                                f"({_kib(s['kv_bytes'])}). Switch A-VL on (left) and ask again to see which image "
+                                f"({_kib(s.kv_bytes)}). Switch A-VL on (left) and ask again to see which image "
                                 f"tokens each layer keeps.")
-        a, trace = s["avl"], rec["trace"]
+        a, trace = s.avl, rec["trace"]
         lt = trace.passes[token][layer]
         label = _clean(rec["labels"][token])
         if token == 0:
@@ -420,17 +405,16 @@ class Events:
                 f"Token {token} “{label}”, layer {layer}: A-VL state of the "
                 f"{trace.lr_grid}×{trace.lr_grid} LR tokens",
                 state["targets"], refresh=bool(lt.avl_refresh) and token > 0)
-        held = s["kv_bytes_per_layer"]
         chart = figures.avl_chart_figure(
-            held, full_cache_per_layer(s), a["visual_attended_per_step"], s["lr_tokens"],
-            a["settings"]["refresh_every"], current_step=token, current_layer=layer,
+            s.kv_bytes_per_layer, a.kv_bytes_full_cache_per_layer, a.visual_attended_per_step, s.lr_tokens,
+            a.settings.refresh_every, current_step=token, current_layer=layer,
             title="A-VL: KV memory at the end of the answer, and image tokens attended while decoding")
         parts = [f"A-VL · token {token} “{label}”, layer {layer}: **{kind}**"]
         if lt.avl_state is not None:
             n = np.bincount(np.asarray(lt.avl_state).ravel(), minlength=3)
-            parts.append(f"evicted {n[0]} · secondary {n[1]} · core {n[2]} of {s['lr_tokens']} LR tokens")
-        full = a["kv_bytes_full_cache"]
-        parts.append(f"KV cache {_kib(s['kv_bytes'])} of {_kib(full)} ({s['kv_bytes'] / full if full else 0:.0%})")
+            parts.append(f"evicted {n[0]} · secondary {n[1]} · core {n[2]} of {s.lr_tokens} LR tokens")
+        full = a.kv_bytes_full_cache
+        parts.append(f"KV cache {_kib(s.kv_bytes)} of {_kib(full)} ({s.kv_bytes / full if full else 0:.0%})")
         return state_fig, chart, " · ".join(parts)
 
     # ---- compare ---------------------------------------------------------------------------------------------
@@ -466,10 +450,10 @@ class Events:
                                title="Generation failed") from None
             s = result.stats
             rows.append({"mode": mode, "avl": run_avl is not None, "answer": result.text,
-                         "hr_attended_mean": s["hr_attended_mean"], "hr_tokens": s["hr_tokens"], "tflops": s["tflops"],
-                         "latency_s": s["latency_s"]["total"], "kv_bytes": s["kv_bytes"],
+                         "hr_attended_mean": s.hr_attended_mean, "hr_tokens": s.hr_tokens, "tflops": s.tflops,
+                         "latency_s": s.latency_s.total, "kv_bytes": s.kv_bytes,
                          # without A-VL every decoding step attends to every LR image token
-                         "visual_ratio": s["avl"]["visual_attention_ratio"] if "avl" in s else 1.0})
+                         "visual_ratio": s.avl.visual_attention_ratio if s.avl is not None else 1.0})
             yield compare_table(rows), figures.compare_figure(rows)
 
 
@@ -477,11 +461,6 @@ def compare_table(rows: Sequence[dict]) -> list[list]:
     return [[r["mode"], "on" if r.get("avl") else "off", r["answer"], f"{r['hr_attended_mean']:.0f} / {r['hr_tokens']}",
              float(f"{r['tflops']:.4g}"), round(r["latency_s"], 3), round(r.get("kv_bytes", 0) / 1024, 1),
              round(r.get("visual_ratio", 1.0), 3)] for r in rows]
-
-
-def full_cache_per_layer(stats: dict) -> list[float]:
-    """Per layer: the KV bytes the same cache would hold without eviction (as flexattn reports it)."""
-    return [float(b) for b in stats["avl"]["kv_bytes_full_cache_per_layer"]]
 
 
 def layer_hr_mflops(text_config, kv_len: int, selection_layer: int, attended: Sequence[int]) -> list[float]:

@@ -19,6 +19,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from PIL import Image
 
+from flexattn.cost import Flops
+
 from .geometry import Frame
 
 MAX_DISPLAY_SIDE = 1000
@@ -247,7 +249,7 @@ def layers_grid_figure(thumb: ImageView, masks: Sequence[tuple[int, np.ndarray]]
 
 # ---- (4) per-layer HR tokens attended and cost -------------------------------------------------------------
 def layers_chart_figure(attended: Sequence[int], hr_tokens: int, layer_mflops: Sequence[float],
-                        flops: dict | None = None, selection_layer: int | None = None,
+                        flops: Flops | None = None, selection_layer: int | None = None,
                         current_layer: int | None = None, title: str = "") -> go.Figure:
     """Left: HR tokens each layer attended (bars) against all HR tokens, and each layer's HR-attention MFLOPs.
     Right: the answer's FLOPs by part."""
@@ -267,9 +269,10 @@ def layers_chart_figure(attended: Sequence[int], hr_tokens: int, layer_mflops: S
                   row=1, col=1, secondary_y=True)
     if selection_layer is not None:
         fig.add_vline(x=selection_layer, line=dict(color="#2ca02c", dash="dot"), row=1, col=1)
-    if flops:
-        parts = [k for k in ("vision", "projector", "llm", "hr_attention") if k in flops]
-        fig.add_trace(go.Bar(x=parts, y=[flops[k] / 1e9 for k in parts], name="GFLOPs", marker_color="#9467bd",
+    if flops is not None:
+        parts = ["vision", "projector", "llm", "hr_attention"] + (["avl_scoring"] if flops.avl_scoring else [])
+        fig.add_trace(go.Bar(x=parts, y=[getattr(flops, k) / 1e9 for k in parts], name="GFLOPs",
+                             marker_color="#9467bd",
                              hovertemplate="%{x}: %{y:.4g} GFLOPs<extra></extra>", showlegend=False), row=1, col=2)
         fig.update_yaxes(title_text="GFLOPs", row=1, col=2)
     fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 16), row=1, col=1)
@@ -392,7 +395,7 @@ def warm_up() -> None:
     attention_figure(view, grid, boxes=[(0, 0, 8, 8)]).to_json()
     mask_figure(view, mask, boxes=[(0, 0, 8, 8)]).to_json()
     layers_grid_figure(view, [(1, mask), (2, mask)], [(0, 0, 8, 8)], [0.5, None]).to_json()
-    layers_chart_figure([0, 1, 2], 16, [0.0, 1.0, 2.0], {"vision": 1, "llm": 2}, 1).to_json()
+    layers_chart_figure([0, 1, 2], 16, [0.0, 1.0, 2.0], Flops(vision=1, llm=2), 1).to_json()
     compare_figure([{"mode": "flex", "tflops": 1.0, "latency_s": 1.0, "kv_bytes": 2048, "avl": True}]).to_json()
     avl_state_figure(view, np.eye(4, dtype=np.int8) * 2, refresh=True).to_json()
     avl_chart_figure([1, 2], [2, 2], [1.0, 3.0, 1.0], 4, 2, 1, 0).to_json()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexattn.evaluate import mask_recall
+from flexattn.image import square_offset
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Frame:
     @property
     def offset(self) -> tuple[int, int]:
         """Left and top padding in original px (the image's position inside the padded square)."""
-        return (self.side - self.width) // 2, (self.side - self.height) // 2
+        return square_offset((self.width, self.height))
 
     def cell(self, n: int) -> float:
         """Side of one cell of an n x n grid, in original px."""

@@ -10,6 +10,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def example_timings(events: Events, image: str, question: str, max_new_tokens: i
     rec = state["answer"]
     n_tokens, n_layers = len(rec["trace"].passes), len(rec["trace"].passes[0])
     print(f"example question, new image, {n_tokens} tokens, answer + all figures: {cold:.2f} s "
-          f"(model latency {rec['stats']['latency_s']['total']:.2f} s)")
+          f"(model latency {rec['stats'].latency_s.total:.2f} s)")
     warm, worst = _time(lambda: ask_and_draw(new_session()), repeat)
     print(f"same, image features cached: median {warm:.2f} s, worst {worst:.2f} s")
     layer = iter(range(10**9))
@@ -57,6 +58,7 @@ def scale_timings(repeat: int, hr_grid: int = 72, lr_grid: int = 24, layers: int
     """render_layer / render_token on a synthetic trace of the 7B's size (no model involved)."""
     from PIL import Image
 
+    from flexattn.cost import Flops
     from flexattn.presets import llava_7b_config
     from flexattn.trace import LayerTrace, Trace
 
@@ -81,10 +83,11 @@ def scale_timings(repeat: int, hr_grid: int = 72, lr_grid: int = 24, layers: int
     state = new_session()
     state.update(view=figures.image_view(image), thumb=figures.image_view(image, figures.THUMB_SIDE),
                  targets=[[100, 100, 300, 300]])
-    flops = {"vision": 1e12, "projector": 1e10, "llm": 2e12, "hr_attention": 1e10}
+    stats = SimpleNamespace(prompt_tokens=640, flops=Flops(vision=10**12, projector=10**10, llm=2 * 10**12,
+                                                           hr_attention=10**10))  # what the figures read
     state["answer"] = {
         "question": "q", "text": "x", "mode": "flex", "tokens": ["x"] * tokens, "labels": ["x"] * tokens,
-        "stats": {"prompt_tokens": 640, "flops": flops}, "settings": {}, "trace": trace, "untrained": False,
+        "stats": stats, "settings": {}, "trace": trace, "untrained": False,
         "text_config": llava_7b_config().text_config,
     }
     events = Events()

@@ -3,18 +3,21 @@
     from flexattn import FlexVLM
     vlm = FlexVLM.load()                    # the embedded model; or "senfu/llava-v1.5-7b-flexattn", or a directory
     result = vlm.answer("image.jpg", "What is written on the sign?", mode="flex")
-    print(result.text, result.stats["hr_attended_mean"])
+    print(result.text, result.stats.hr_attended_mean)
     result.trace.passes[0][12].selected     # the HR tokens layer 12 selected for the first answer token
 """
 
 from .image import ImageError, load_image
 from .loading import EMBEDDED_MODEL, OFFICIAL_7B, ModelLoadError
-from .pipeline import Answer, FlexVLM, PreparedImage
+from .pipeline import AnswerOptions, FlexVLM, PreparedImage
 from .prompt import PromptError
+from .results import Answer, AnswerStats
 from .settings import MODES, FlexSettings
 
 __all__ = [
     "Answer",
+    "AnswerOptions",
+    "AnswerStats",
     "EMBEDDED_MODEL",
     "FlexSettings",
     "FlexVLM",

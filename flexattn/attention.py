@@ -10,12 +10,15 @@ How a forward pass runs (prefill or one decoding step alike):
     rotary tables bicubically interpolated from the LR grid.
 
 Nothing is stored on modules: the model passes `flex_state=FlexState(...)` through `generate`/`forward` kwargs,
-and transformers hands it to this function at every layer. HR keys/values never enter the KV cache; they are
+and transformers hands it to this function at every layer. Training and controls (which rows see HR, planted or
+shifted selections, maps kept with their gradients) travel apart from it, in `FlexHooks`. HR keys/values never enter the KV cache; they are
 projected once per image and layer and kept with the image's HR features (`HRFeatures.keys_values`). With A-VL
 (`FlexState.avl`), decoding steps attend to the subset of cache entries A-VL keeps in its core.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from .hr_features import HRFeatures
+from .image import padded_margin_cells
 from .settings import FlexSettings, check_mode
 
 ATTN_IMPLEMENTATION = "flexattn"
@@ -46,7 +50,7 @@ def select_hr_tokens(
     g = lr_map.shape[-1]
     attn = lr_map.clone()
     w, h = original_size
-    margin = int((abs(w - h) // 2) / max(w, h) * g)
+    margin = padded_margin_cells(original_size, g)
     if margin:
         if w > h:
             attn[:, :margin, :] = 0
@@ -75,6 +79,33 @@ def interpolate_rotary(cos: torch.Tensor, sin: torch.Tensor, hr_grid: int) -> tu
     return resize(cos), resize(sin)
 
 
+@dataclass
+class FlexHooks:
+    """Training and control hooks of one call, apart from the inference state (`FlexState`).
+
+    rows: (B, R) query rows that see HR; None means the last row of each pass (inference). Training marks every row
+        that predicts an answer token (with teacher forcing each is the "last row" it would be while decoding).
+    row_valid: (B, R) bool, False for padding entries of `rows` (batches whose rows differ in number).
+    keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
+    keep_hr_maps: keep each HR-attending layer's (B, H, R, G*G) attention probabilities over the HR tokens, with
+        grad, in `hr_maps` (training with a batch tensor of HR features, whose tokens are all G*G in order).
+    planted_selection: a (G*G,) or per-row (B, R, G*G) bool mask that flex mode selects at every selecting layer
+        instead of the attention-driven one: for cost runs of random-weight models (which would select nearly
+        everything), and in training to teach reading HR tokens before selection finds them.
+    shift_selection: (rows, cols) by which every selected mask is rolled over the HR grid: a control showing that
+        answers depend on *where* the selection is, not on how much is selected.
+    """
+
+    rows: torch.Tensor | None = None
+    row_valid: torch.Tensor | None = None
+    keep_lr_maps: bool = False
+    keep_hr_maps: bool = False
+    planted_selection: torch.Tensor | None = None
+    shift_selection: tuple[int, int] | None = None
+    lr_maps: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, map), filled by the call
+    hr_maps: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
 class FlexState:
     """What one call (one `generate` or one training forward) needs, and what its layers hand to each other.
 
@@ -87,17 +118,9 @@ class FlexState:
             projected HR features, row-major (training); None in lowres mode.
         hr_cos, hr_sin: (G*G, head_dim) interpolated rotary tables for the HR keys.
         original_sizes: per batch row, the (width, height) of the image before padding to square.
-        rows: (B, R) query rows that see HR; None means the last row of each pass (inference).
-        row_valid: (B, R) bool, False for padding entries of `rows` (batches whose rows differ in number).
         recorder: optional trace recorder (flexattn.trace.TraceRecorder).
-        planted_selection: optional (G*G,) or per-row (B, R, G*G) bool mask that flex mode selects at every selecting
-            layer instead of the attention-driven one: for cost runs of random-weight models (which would select
-            nearly everything), and in training to teach reading HR tokens before selection finds them.
-        shift_selection: optional (rows, cols) by which every selected mask is rolled over the HR grid: a control
-            showing that answers depend on *where* the selection is, not on how much is selected.
-        keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
-        keep_hr_maps: keep each HR-attending layer's (B, H, R, G*G) attention probabilities over the HR tokens, with
-            grad, in `hr_maps` (training with a batch tensor of HR features, whose tokens are all G*G in order).
+        avl: the call's flexattn.avl.AVLCache (also passed to generate as past_key_values), or None.
+        hooks: training and control hooks (FlexHooks); None for a plain inference call.
     """
 
     def __init__(
@@ -111,14 +134,9 @@ class FlexState:
         hr_cos: torch.Tensor | None = None,
         hr_sin: torch.Tensor | None = None,
         original_sizes: list[tuple[int, int]] | None = None,
-        rows: torch.Tensor | None = None,
-        row_valid: torch.Tensor | None = None,
         recorder=None,
-        keep_lr_maps: bool = False,
-        keep_hr_maps: bool = False,
-        planted_selection: torch.Tensor | None = None,
-        shift_selection: tuple[int, int] | None = None,
         avl=None,
+        hooks: FlexHooks | None = None,
     ):
         self.mode = check_mode(mode)
         if self.mode != "lowres" and hr_features is None:
@@ -130,16 +148,9 @@ class FlexState:
         self.hr_cos, self.hr_sin = hr_cos, hr_sin
         self.hr_grid = lr_grid * settings.zoom
         self.original_sizes = original_sizes
-        self.rows = rows
-        self.row_valid = row_valid
         self.recorder = recorder
-        self.keep_lr_maps = keep_lr_maps
-        self.planted_selection = planted_selection
-        self.shift_selection = shift_selection
-        self.avl = avl  # flexattn.avl.AVLCache, also passed to generate as past_key_values
-        self.keep_hr_maps = keep_hr_maps
-        self.lr_maps: list[tuple[int, torch.Tensor]] = []
-        self.hr_maps: list[tuple[int, torch.Tensor]] = []
+        self.avl = avl
+        self.hooks = hooks if hooks is not None else FlexHooks()
         self.pass_index = -1
         self.hr_mask: torch.Tensor | None = None  # (B, R, G*G), computed by the previous layer of this pass
         self._attended: dict[tuple[int, int], torch.Tensor] = {}  # (pass, layer) -> HR tokens the last row saw
@@ -152,14 +163,15 @@ class FlexState:
             self.avl.step = self.pass_index
 
     def query_rows(self, batch: int, q_len: int, device) -> torch.Tensor:
-        if self.rows is not None:
-            return self.rows.to(device)
+        if self.hooks.rows is not None:
+            return self.hooks.rows.to(device)
         return torch.full((batch, 1), q_len - 1, dtype=torch.long, device=device)
 
     def needs_rows(self, layer: int) -> bool:
         from_selection_layer = layer >= self.settings.selection_layer
         selecting = self.mode != "lowres" and from_selection_layer
-        return selecting or (self.keep_lr_maps and from_selection_layer) or self.recorder is not None or self.avl is not None
+        keeping = self.hooks.keep_lr_maps and from_selection_layer
+        return selecting or keeping or self.recorder is not None or self.avl is not None
 
     def hr_attended(self, num_layers: int) -> list[list[int]]:
         """HR tokens the last query row attended, per pass and layer (batch row 0); 0 where none."""
@@ -180,16 +192,17 @@ class FlexState:
         b, r = lr_map.shape[:2]
         if self.mode == "select_all":
             return torch.ones(b, r, self.hr_grid**2, dtype=torch.bool, device=lr_map.device)
-        if self.planted_selection is not None:
-            return self.planted_selection.to(lr_map.device).expand(b, r, -1)
+        hooks = self.hooks
+        if hooks.planted_selection is not None:
+            return hooks.planted_selection.to(lr_map.device).expand(b, r, -1)
         s = self.settings
         masks = torch.stack([
             select_hr_tokens(lr_map[i], self.original_sizes[i], s.threshold, s.pool_size, self.hr_grid)
             for i in range(b)
         ])
-        if self.shift_selection is not None:
+        if hooks.shift_selection is not None:
             G = self.hr_grid
-            masks = masks.reshape(b, r, G, G).roll(self.shift_selection, dims=(2, 3)).reshape(b, r, G * G)
+            masks = masks.reshape(b, r, G, G).roll(hooks.shift_selection, dims=(2, 3)).reshape(b, r, G * G)
         return masks
 
 
@@ -291,13 +304,13 @@ def flex_attention_forward(
     if state.mode != "lowres" and layer > settings.selection_layer and state.hr_mask is not None:
         output, hr_probs = _attend_hr(module, state, rows, q_rows, scores, values, output, scaling)
         state._attended[(state.pass_index, layer)] = state.hr_mask[0, -1].sum()
-        if state.keep_hr_maps:
-            state.hr_maps.append((layer, hr_probs))
+        if state.hooks.keep_hr_maps:
+            state.hooks.hr_maps.append((layer, hr_probs))
 
     if state.recorder is not None:
         state.recorder.record(state, layer, lr_map, hr_probs)
-    if state.keep_lr_maps and layer >= settings.selection_layer:  # (any mode: lowres training can use them too)
-        state.lr_maps.append((layer, lr_map))
+    if state.hooks.keep_lr_maps and layer >= settings.selection_layer:  # (any mode: lowres training uses them too)
+        state.hooks.lr_maps.append((layer, lr_map))
     if state.mode != "lowres" and layer >= settings.selection_layer:
         with torch.no_grad():
             state.hr_mask = state.select(lr_map.detach().float())  # for the next layer of this pass
@@ -315,7 +328,7 @@ def _attend_hr(module, state: FlexState, rows, q_rows, scores, values, output, s
     hr_scores = (q_rows @ hr_keys.transpose(2, 3)) * scaling + hr_bias
     joint = F.softmax(torch.cat([scores, hr_scores], dim=-1), dim=-1, dtype=torch.float32).to(q_rows.dtype)
     row_out = joint @ torch.cat([values, hr_values], dim=2)  # (B, H, R, d)
-    valid = state.row_valid if state.row_valid is not None else torch.ones_like(rows, dtype=torch.bool)
+    valid = state.hooks.row_valid if state.hooks.row_valid is not None else torch.ones_like(rows, dtype=torch.bool)
     bi, ri = valid.to(rows.device).nonzero(as_tuple=True)  # padding rows must not write (or get gradient) twice
     output = output.index_put((bi, rows[bi, ri]), row_out.transpose(1, 2)[bi, ri].to(output.dtype))
     return output, joint[..., scores.shape[-1] :]

@@ -50,6 +50,29 @@ class AVLSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def coerce(cls, avl: "AVLSettings | dict | bool | None") -> "AVLSettings | None":
+        """The `avl=` argument of the API: None / False (off), True (the authors' defaults), a dict of fields, or
+        AVLSettings."""
+        if avl is None or avl is False:
+            return None
+        if avl is True:
+            return cls()
+        return avl if isinstance(avl, cls) else cls(**avl)
+
+
+def layer_nbytes(layer) -> int:
+    """Bytes of the keys and values one cache layer holds (0 before its first update)."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not getattr(layer, "is_initialized", True):
+        return 0
+    return keys.numel() * keys.element_size() + values.numel() * values.element_size()
+
+
+def cache_nbytes_per_layer(cache) -> list[int]:
+    """Bytes each layer of a transformers cache (DynamicCache, AVLCache) holds."""
+    return [layer_nbytes(layer) for layer in cache.layers]
+
 
 def _top(scores: torch.Tensor, share: float) -> torch.Tensor:
     """Indices of the top ceil(share * n) scores (ties: earlier first), in ascending index order."""
@@ -91,8 +114,6 @@ class AVLLayer(DynamicLayer):
         self.values = self.values.index_select(-2, device_index)
         self.positions, self.core, self.score = self.positions[index], self.core[index], self.score[index]
 
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
 class AVLCache(DynamicCache):
@@ -212,12 +233,9 @@ class AVLCache(DynamicCache):
         cache.keep(keep.nonzero().squeeze(1))
 
     # ---- measurements ------------------------------------------------------------------------------------
-    def nbytes_per_layer(self) -> list[int]:
-        return [layer.nbytes() for layer in self.layers]
-
     def full_cache_nbytes_per_layer(self) -> list[int]:
         """What each layer would hold without eviction: every token it has seen, at its entry size."""
-        return [layer.seen * layer.nbytes() // max(layer.keys.shape[-2], 1) for layer in self.layers]
+        return [layer.seen * layer_nbytes(layer) // max(layer.keys.shape[-2], 1) for layer in self.layers]
 
     def visual_states(self, layer: int, lr_tokens: int) -> torch.Tensor:
         """(lr_tokens,) int8 per LR image token: 0 evicted, 1 secondary (cached, not attended), 2 core."""

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .avl import AVLSettings
+from .attention import FlexHooks
+from .image import boxes_cells
 from .prompt import conversation, tokenize_around_image
 from .settings import MODES
-from .training import box_cells
+from .synthetic import make_split
 
 BENCH_FAMILIES = {"synthetic": ("attribute", "spatial"), "synthetic-long": ("reading",)}
 VSTAR_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -30,21 +31,13 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def hr_cells(boxes, image_size: tuple[int, int], grid: int) -> np.ndarray:
-    """(grid, grid) bool: HR grid cells (over the padded square image) that the pixel boxes touch."""
-    cells = torch.zeros(grid, grid, dtype=torch.bool)
-    for box in boxes:
-        cells |= box_cells(box, image_size, grid)
-    return cells.numpy()
-
-
 def mask_recall(mask: np.ndarray | None, boxes, image_size: tuple[int, int]) -> float | None:
     """Share of the target's HR cells (every cell a box touches) that a (G, G) mask selected; None if undefined.
 
     The one definition of selection recall: the eval runner and the app both use it."""
     if mask is None or not boxes:
         return None
-    cells = hr_cells(boxes, image_size, mask.shape[0])
+    cells = boxes_cells(boxes, image_size, mask.shape[0])
     total = int(cells.sum())
     return float((np.asarray(mask, dtype=bool) & cells).sum()) / total if total else None
 
@@ -96,8 +89,6 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
     reproduces position for position), `accuracy_drop` (full minus A-VL accuracy), `visual_attention_ratio`
     (visual tokens attended per decoding step / LR image tokens) and `avl_accuracy`.
     """
-    from .synthetic import make_split
-
     families = BENCH_FAMILIES[bench]
     samples = make_split(n, seed, families)
     runs = [(mode, None) for mode in modes]
@@ -117,13 +108,13 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
             stats = answer.stats
             per_run[(mode, variant)].append({
                 "tokens": answer.token_ids,
-                "kv_bytes": stats["kv_bytes"],
-                "visual_ratio": stats["avl"]["visual_attention_ratio"] if "avl" in stats else None,
+                "kv_bytes": stats.kv_bytes,
+                "visual_ratio": stats.avl.visual_attention_ratio if stats.avl is not None else None,
                 "family": sample.family,
                 "correct": float(normalise(answer.text) == normalise(sample.answer)),
-                "hr_share": stats["hr_attended_mean"] / stats["hr_tokens"] if mode != "lowres" else 0.0,
+                "hr_share": stats.hr_share if mode != "lowres" else 0.0,
                 "recall": selection_recall(sample, answer.trace, sample.image.size) if mode != "lowres" else None,
-                "tflops": stats["tflops"],
+                "tflops": stats.tflops,
             })
             bar.update()
     bar.close()
@@ -190,7 +181,7 @@ def option_loss(vlm, prepared, question: str, option: str, mode: str) -> float:
     start = len(before)
     prompt_len = embeds.shape[1] - len(option_ids)
     rows = torch.arange(prompt_len - 1, embeds.shape[1] - 1, device=vlm.device)[None]
-    state = vlm.flex_state(prepared, mode, vlm.settings, start, rows=rows)
+    state = vlm.flex_state(prepared, mode, vlm.settings, start, hooks=FlexHooks(rows=rows))
     logits = vlm.model(inputs_embeds=embeds, flex_state=state).logits[0, prompt_len - 1 : -1]
     target = torch.tensor(option_ids, device=logits.device)
     return float(F.cross_entropy(logits.float(), target))
@@ -237,53 +228,3 @@ def format_table(result: dict) -> str:
                          f"token_agreement {block['token_agreement']:.3f}  accuracy_drop {block['accuracy_drop']:+.3f}  "
                          f"visual_attention_ratio {block['visual_attention_ratio']:.3f}")
     return "\n".join(lines)
-
-
-def add_parser(sub, add_model_args) -> None:
-    parser = sub.add_parser("eval", help="accuracy, HR share, selection recall and TFLOPs per mode and family")
-    add_model_args(parser)
-    parser.add_argument("--bench", default="synthetic", choices=[*BENCH_FAMILIES, "vstar"])
-    parser.add_argument("--n", type=int, default=500, help="samples (synthetic benches)")
-    parser.add_argument("--seed", type=int, default=10_000_000, help="first held-out seed (training used < 10M)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: lowres,flex,select_all")
-    parser.add_argument("--vstar-dir", default=None, help="V* Bench directory (with direct_attributes/ ...)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--no-shifted", action="store_true", help="skip the shifted-mask control")
-    parser.add_argument("--avl", action="store_true", help="also run every mode with A-VL and compare")
-    parser.add_argument("--avl-selection", default="secondary", choices=["secondary", "attended"],
-                        help="A-VL: score FlexAttention's selection over all cached visual tokens or the attended core")
-    for name, default in (("vision-evict-rate", 0.5), ("compute-skip-rate", 0.7), ("text-evict-rate", 0.4)):
-        parser.add_argument(f"--{name}", type=float, default=default, help="A-VL rate")
-    parser.add_argument("--refresh-every", type=int, default=3, help="A-VL refresh period (steps)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="selection threshold, 0-255 (default: the model's); to trace recall against HR share")
-    parser.add_argument("--pool-size", type=int, default=None, help="selection pooling grid (default: the model's)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(run=run_cli)
-
-
-def run_cli(args) -> int:
-    from .cli import _load
-
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    vlm = _load(args)
-    if args.threshold is not None or args.pool_size is not None:  # every mode and bench reads the model's settings
-        vlm.model.config.flex_attention = vlm.settings.with_overrides(threshold=args.threshold,
-                                                                      pool_size=args.pool_size).to_dict()
-    if args.bench == "vstar":
-        if not args.vstar_dir:
-            raise ValueError("--bench vstar needs --vstar-dir DIR")
-        result = evaluate_vstar(vlm, args.vstar_dir, modes, progress=not args.json)
-    else:
-        avl = None
-        if args.avl:
-            avl = AVLSettings(vision_evict_rate=args.vision_evict_rate, compute_skip_rate=args.compute_skip_rate,
-                              text_evict_rate=args.text_evict_rate, refresh_every=args.refresh_every,
-                              selection_scores=args.avl_selection)
-        result = evaluate_synthetic(vlm, args.bench, args.n, args.seed, modes, shifted=not args.no_shifted,
-                                    max_new_tokens=args.max_new_tokens, progress=True, avl=avl)
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0

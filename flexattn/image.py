@@ -1,6 +1,6 @@
 """Image intake and the two views FlexAttention encodes: low-res (LR) and high-res (HR).
 
-The recipe follows the released model (see docs in README, "Image views"):
+The recipe follows the released model (docs/how-it-works.md, "Image views"):
   1. pad to square with the processor's mean colour, image centred (LLaVA-1.5 'pad');
   2. run the CLIP processor once, at the HR size;
   3. LR view = antialiased bilinear downscale of that processed HR tensor;
@@ -10,7 +10,7 @@ The recipe follows the released model (see docs in README, "Image views"):
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +26,29 @@ ImageProcessor = CLIPImageProcessorPil
 # Larger inputs are refused before decoding (decompression-bomb guard). 64 MP covers any camera.
 MAX_PIXELS = 64_000_000
 MIN_SIDE = 8
+ORIENTATION_TAG = 274  # EXIF
 
 
 class ImageError(ValueError):
     """An input that cannot be used as an image; the message is meant for the user."""
 
 
-def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """Open anything image-like as an RGB PIL image, upright, or raise ImageError with a clear message.
+@dataclass
+class OpenedImage:
+    """An input opened as an upright RGB image, and what was done to it on the way (one sentence each)."""
 
-    Handles EXIF rotation, palette/RGBA (composited on white), grayscale, CMYK and 16-bit inputs.
-    """
+    image: Image.Image
+    notices: list[str] = field(default_factory=list)
+
+
+def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
+    """Open anything image-like as an RGB PIL image, upright, or raise ImageError with a clear message."""
+    return open_image(source).image
+
+
+def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> OpenedImage:
+    """`load_image`, with notices of what it changed: EXIF rotation, palette/RGBA (composited on white), grayscale,
+    CMYK and 16-bit inputs, the first frame of an animation."""
     if isinstance(source, np.ndarray):
         source = _array_to_pil(source)
     if isinstance(source, Image.Image):
@@ -59,10 +71,15 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
         raise ImageError(f"image is too large: {w}x{h} is more than {MAX_PIXELS:,} pixels")
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"image is too small: {w}x{h} (each side must be at least {MIN_SIDE} px)")
+    notices = []
+    if getattr(image, "n_frames", 1) > 1:
+        notices.append(f"The image has {image.n_frames} frames (an animation): only the first one is used.")
     try:
         image.load()
+        if image.getexif().get(ORIENTATION_TAG, 1) not in (None, 1):
+            notices.append("The image was rotated upright following its EXIF orientation.")
         image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return OpenedImage(_to_rgb(image, notices), notices)
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"image file is corrupt or truncated ({err})") from None
 
@@ -76,17 +93,62 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     raise ImageError(f"an image array must be HxW, HxWx3 or HxWx4, not {array.shape}")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+def _to_rgb(image: Image.Image, notices: list[str]) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit grayscale: stretch to 8 bit rather than letting PIL clip to white.
         arr = np.asarray(image, dtype=np.float64)
         hi = arr.max() or 1.0
         image = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        notices.append("The 16-bit image was scaled to 8 bits.")
+    if image.mode == "CMYK":
+        notices.append("The CMYK image was converted to RGB.")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notices.append("Transparent areas of the image were filled with white.")
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+# ---- the square the model sees -----------------------------------------------------------------------------------
+# LLaVA-1.5 'pad' centres a w x h image on a square of side max(w, h); the LR (g x g) and HR (G x G) token grids
+# tile that square. These functions are the one place that geometry is written down.
+
+
+def square_offset(size: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) padding, in original px, of a (width, height) image centred on its square."""
+    w, h = size
+    side = max(w, h)
+    return (side - w) // 2, (side - h) // 2
+
+
+def padded_margin_cells(size: tuple[int, int], grid: int) -> int:
+    """Grid rows (w > h) or columns (h > w) at each side that selection treats as padding: the released model's rule,
+    int((|w - h| // 2) / max(w, h) * grid), which rounds the margin down."""
+    w, h = size
+    return int((abs(w - h) // 2) / max(w, h) * grid)
+
+
+def box_cells(box, size: tuple[int, int], grid: int) -> np.ndarray:
+    """(grid, grid) bool: cells of a grid over the padded square that a pixel box (x0, y0, x1, y1) of the original
+    (width, height) image touches."""
+    side = max(size)
+    ox, oy = square_offset(size)
+    x0, y0, x1, y1 = box
+    cell = side / grid
+    c0, c1 = int((x0 + ox) // cell), int(min(grid - 1, (x1 + ox - 1e-6) // cell))
+    r0, r1 = int((y0 + oy) // cell), int(min(grid - 1, (y1 + oy - 1e-6) // cell))
+    cells = np.zeros((grid, grid), dtype=bool)
+    cells[r0 : r1 + 1, c0 : c1 + 1] = True
+    return cells
+
+
+def boxes_cells(boxes, size: tuple[int, int], grid: int) -> np.ndarray:
+    """The union of `box_cells` over several boxes."""
+    cells = np.zeros((grid, grid), dtype=bool)
+    for box in boxes:
+        cells |= box_cells(box, size, grid)
+    return cells
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -94,9 +156,8 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     w, h = image.size
     if w == h:
         return image
-    side = max(w, h)
-    canvas = Image.new(image.mode, (side, side), fill)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    canvas = Image.new(image.mode, (max(w, h), max(w, h)), fill)
+    canvas.paste(image, square_offset(image.size))
     return canvas
 
 

@@ -15,24 +15,24 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from . import cost
-from .attention import FlexState
-from .avl import AVLCache, AVLSettings
+from .attention import FlexHooks, FlexState
+from .avl import AVLCache, AVLSettings, cache_nbytes_per_layer
 from .hr_features import HRFeatures
 from .image import ImageViews, load_image, make_views
 from .loading import LoadedModel, load
 from .prompt import check_question, conversation, tokenize_around_image
+from .results import Answer, AnswerStats, AVLStats, Latency
 from .settings import FlexSettings, check_mode
-from .trace import Trace, TraceRecorder
+from .trace import TraceRecorder
 
 MAX_NEW_TOKENS = 512
 
@@ -58,34 +58,49 @@ class PreparedImage:
         return self.hr.full()
 
 
-@dataclass
-class Answer:
-    text: str
-    mode: str
-    token_ids: list[int]
-    tokens: list[str]
-    stats: dict
-    trace: Trace | None = None
-    settings: dict = field(default_factory=dict)
+@dataclass(frozen=True)
+class AnswerOptions:
+    """Per-call options of `FlexVLM.answer` / `stream` (keyword arguments there), checked once here.
 
-    def to_json(self, layers: bool = True, masks: bool = False) -> dict:
-        """Plain-JSON view. `layers`: per-layer counts for the first token; `masks`: every selected HR mask, per
-        generated token and layer, as sorted row-major indices into the HR grid."""
-        out = {"answer": self.text, "mode": self.mode, "token_ids": self.token_ids, "tokens": self.tokens,
-               "stats": self.stats, "settings": self.settings}
-        passes = self.trace.passes if self.trace is not None else []
-        if layers and passes:
-            out["layers"] = [
-                {"layer": lt.layer, "selected_hr_tokens": lt.selected_count, "hr_attended": lt.hr_attended,
-                 "hr_attention_share": round(lt.hr_attention_share, 6)}
-                for lt in passes[0]
-            ]
-        if masks and passes:
-            out["masks"] = [
-                {str(lt.layer): np.flatnonzero(lt.selected).tolist() for lt in layers_ if lt.selected is not None}
-                for layers_ in passes
-            ]
-        return out
+    threshold, selection_layer, pool_size, zoom: override the model's FlexSettings for this call (None: keep).
+    trace: record the per-layer trace (True), not at all (False), or only the first N generated tokens (an int).
+    lazy_hr: encode only the HR crops a selection touches (bit-identical outputs); None: the model's default.
+    reuse_prefix: reuse the KV cache of the prompt prefix an earlier question on the same image computed.
+    avl: A-VL decoding (AVLSettings, a dict of its fields, True for the authors' defaults, None/False: off).
+    planted_selection, shift_selection: controls (see flexattn.attention.FlexHooks).
+    """
+
+    mode: str = "flex"
+    history: tuple[tuple[str, str], ...] = ()
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    threshold: float | None = None
+    selection_layer: int | None = None
+    pool_size: int | None = None
+    zoom: int | None = None
+    trace: bool | int = True
+    lazy_hr: bool | None = None
+    reuse_prefix: bool | None = None
+    avl: AVLSettings | None = None
+    planted_selection: torch.Tensor | None = None
+    shift_selection: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        check_mode(self.mode)
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        object.__setattr__(self, "history", tuple(tuple(turn) for turn in self.history))
+        object.__setattr__(self, "avl", AVLSettings.coerce(self.avl))
+
+    def settings(self, base: FlexSettings, num_layers: int) -> FlexSettings:
+        settings = base.with_overrides(threshold=self.threshold, selection_layer=self.selection_layer,
+                                       pool_size=self.pool_size, zoom=self.zoom)
+        if not 0 <= settings.selection_layer < num_layers:
+            raise ValueError(f"selection_layer must be in 0..{num_layers - 1}, got {settings.selection_layer}")
+        return settings
 
 
 class _Timer(BaseStreamer):
@@ -176,27 +191,18 @@ class FlexVLM:
             )
         return embeds[None]
 
-    def flex_state(self, prepared: PreparedImage, mode: str, settings: FlexSettings, image_start: int,
-                   recorder: TraceRecorder | None = None, planted_selection=None, shift_selection=None,
-                   rows=None) -> FlexState:
+    def flex_state(self, prepared: PreparedImage, mode: str, settings: FlexSettings, image_start: int, *,
+                   recorder: TraceRecorder | None = None, avl: AVLCache | None = None,
+                   hooks: FlexHooks | None = None) -> FlexState:
         """The per-call state for one generation over `prepared` with the prompt's image at `image_start`."""
         g, G = prepared.lr_grid, prepared.hr_grid
         hr_cos = hr_sin = None
         if mode != "lowres":
             hr_cos, hr_sin = self.model.hr_rotary_tables(image_start, g, G)
         return FlexState(
-            mode=mode,
-            settings=settings,
-            image_start=image_start,
-            lr_grid=g,
-            hr_features=prepared.hr if mode != "lowres" else None,
-            hr_cos=hr_cos,
-            hr_sin=hr_sin,
-            original_sizes=[prepared.views.original_size],
-            recorder=recorder,
-            planted_selection=planted_selection,
-            shift_selection=shift_selection,
-            rows=rows,
+            mode=mode, settings=settings, image_start=image_start, lr_grid=g,
+            hr_features=prepared.hr if mode != "lowres" else None, hr_cos=hr_cos, hr_sin=hr_sin,
+            original_sizes=[prepared.views.original_size], recorder=recorder, avl=avl, hooks=hooks,
         )
 
     # ---- prompt prefix reuse -----------------------------------------------------------------------------
@@ -231,16 +237,19 @@ class FlexVLM:
 
     # ---- answering ---------------------------------------------------------------------------------------
     def answer(self, image, question: str, **options) -> Answer:
-        return self._generate(image, question, streamer=None, **options)
+        """Answer `question` about `image` (a path, bytes, PIL image, array or PreparedImage); options: see
+        AnswerOptions."""
+        return self._generate(image, question, AnswerOptions(**options), streamer=None)
 
     def stream(self, image, question: str, **options) -> Iterator[str | Answer]:
         """Yield text chunks as they are generated, then the final Answer. Errors are raised here."""
+        opts = AnswerOptions(**options)  # bad options fail here, in the caller's thread
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict = {}
 
         def run():
             try:
-                result["answer"] = self._generate(image, question, streamer=streamer, **options)
+                result["answer"] = self._generate(image, question, opts, streamer=streamer)
             except BaseException as err:  # handed to the consumer below
                 result["error"] = err
                 streamer.end()
@@ -255,73 +264,43 @@ class FlexVLM:
             raise result["error"]
         yield result["answer"]
 
-    def _generate(
-        self,
-        image,
-        question: str,
-        *,
-        mode: str = "flex",
-        history: Sequence[tuple[str, str]] = (),
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        threshold: float | None = None,
-        selection_layer: int | None = None,
-        pool_size: int | None = None,
-        zoom: int | None = None,
-        trace: bool | int = True,
-        lazy_hr: bool | None = None,
-        reuse_prefix: bool | None = None,
-        planted_selection: torch.Tensor | None = None,
-        shift_selection: tuple[int, int] | None = None,
-        avl: AVLSettings | dict | bool | None = None,
-        streamer: BaseStreamer | None = None,
-    ) -> Answer:
-        mode = check_mode(mode)
+    def _generate(self, image, question: str, opts: AnswerOptions, streamer: BaseStreamer | None) -> Answer:
         question = check_question(question)
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
-        settings = self.settings.with_overrides(
-            threshold=threshold, selection_layer=selection_layer, pool_size=pool_size, zoom=zoom
-        )
         n_layers = self.model.config.text_config.num_hidden_layers
-        if not 0 <= settings.selection_layer < n_layers:
-            raise ValueError(f"selection_layer must be in 0..{n_layers - 1}, got {settings.selection_layer}")
-
+        settings = opts.settings(self.settings, n_layers)
+        mode = opts.mode
         with self._lock:
             vision_start = time.perf_counter()
-            lazy = self.lazy_hr if lazy_hr is None else lazy_hr
+            lazy = self.lazy_hr if opts.lazy_hr is None else opts.lazy_hr
             prepared = self.prepare(image, highres=mode != "lowres", zoom=settings.zoom, lazy=lazy)
             vision_seconds = time.perf_counter() - vision_start  # ~0 when the image's features were cached
-            ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, history))
+            ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, opts.history))
             inputs_embeds = self._embed(prepared, ids_before, ids_after)
             image_start = len(ids_before)
             prompt_key = (*ids_before, *[-1] * prepared.lr_grid**2, *ids_after)
-            avl_settings = _avl_settings(avl)
             # A-VL evicts from the cache, so its caches are never reused as a prompt prefix.
-            reuse = (self.reuse_prefix if reuse_prefix is None else reuse_prefix) and avl_settings is None
+            reuse = (self.reuse_prefix if opts.reuse_prefix is None else opts.reuse_prefix) and opts.avl is None
             cache = self._reusable_prefix(prepared, prompt_key) if reuse else None
             reused = cache.get_seq_length() if cache is not None else 0
-            if avl_settings is not None:
-                cache = AVLCache(avl_settings, n_layers, image_start, prepared.lr_grid**2)
-            device = self.device
-            g, G = prepared.lr_grid, prepared.hr_grid
+            if opts.avl is not None:
+                cache = AVLCache(opts.avl, n_layers, image_start, prepared.lr_grid**2)
             recorder = None
-            if trace:
-                recorder = TraceRecorder(g, G, settings.selection_layer, None if trace is True else int(trace))
-            state = self.flex_state(prepared, mode, settings, image_start, recorder, planted_selection, shift_selection)
-            state.avl = cache if avl_settings is not None else None
+            if opts.trace:
+                recorder = TraceRecorder(prepared.lr_grid, prepared.hr_grid, settings.selection_layer,
+                                         None if opts.trace is True else int(opts.trace))
+            hooks = FlexHooks(planted_selection=opts.planted_selection, shift_selection=opts.shift_selection)
+            state = self.flex_state(prepared, mode, settings, image_start, recorder=recorder,
+                                    avl=cache if opts.avl is not None else None, hooks=hooks)
             timer = _Timer(streamer)
-            if seed is not None:
-                torch.manual_seed(seed)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            sampling = {"do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p} \
+                if opts.do_sample else {"do_sample": False}
             with torch.inference_mode():
                 output = self.model.generate(
                     inputs_embeds=inputs_embeds,
-                    attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device),
-                    max_new_tokens=max_new_tokens,
+                    attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=self.device),
+                    max_new_tokens=opts.max_new_tokens,
                     eos_token_id=self.tokenizer.eos_token_id,
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                     streamer=timer,
@@ -330,61 +309,16 @@ class FlexVLM:
                     return_dict_in_generate=True,
                     **sampling,
                 )
-            kv_bytes = [_layer_nbytes(layer) for layer in output.past_key_values.layers]
+            kv_bytes = cache_nbytes_per_layer(output.past_key_values)
             if reuse:
                 self._keep_prefix(prepared, prompt_key, output.past_key_values)
-        output = output.sequences
-        token_ids = output[0].tolist()
+        token_ids = output.sequences[0].tolist()
         if token_ids and token_ids[-1] == self.tokenizer.eos_token_id:
             token_ids = token_ids[:-1]
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-        passes = len(timer.times) - 1
-        prompt_len = inputs_embeds.shape[1]
-        attended = state.hr_attended(n_layers)
-        crops = prepared.hr.crops_encoded if mode != "lowres" else 0
-        flops = cost.call_flops(  # LR view + the HR crops this image needed so far, as if encoded by this call
-            self.model.config, mode, prompt_len, passes, attended, selection_layer=settings.selection_layer,
-            zoom=settings.zoom, hr_crops=crops, avl_keys=cache.keys_scored if avl_settings is not None else None,
-            hr_projected=state.hr_projected(n_layers),
-        )
-        times = timer.times
-        decode = [b - a for a, b in zip(times[1:-1], times[2:])]
-        stats = {
-            "lr_tokens": g * g,
-            "hr_tokens": G * G,
-            "text_tokens": prompt_len - g * g,
-            "prompt_tokens": prompt_len,
-            "generated_tokens": passes,
-            "hr_attended_per_layer": attended[0] if attended else [],
-            "hr_attended_mean": _mean_attended(attended, settings.selection_layer),
-            "hr_crops_encoded": crops,
-            "hr_kv_projected": sum(map(sum, state.hr_projected(n_layers))),  # HR keys/values not found cached
-            "prefix_tokens_reused": reused,
-            "kv_bytes": sum(kv_bytes),  # held by the cache at the end of generation
-            "kv_bytes_per_layer": kv_bytes,
-            "latency_s": {
-                "vision": vision_seconds,
-                "prefill": times[1] - times[0] if passes else 0.0,
-                "decode_per_token": sum(decode) / len(decode) if decode else 0.0,
-                "total": times[-1] - times[0],
-            },
-            "flops": flops,
-            "tflops": flops["total"] / 1e12,
-            "untrained_hr_projections": settings.untrained_hr_projections,
-        }
-        if avl_settings is not None:
-            steps = cache.visual_attended[1:]  # decoding steps (the prefill attends to every image token)
-            per_step = [sum(layers) / len(layers) for layers in steps if layers]
-            mean_visual = sum(per_step) / len(per_step) if per_step else float(g * g)
-            stats["avl"] = {
-                "settings": avl_settings.to_dict(),
-                "kv_bytes_full_cache": sum(cache.full_cache_nbytes_per_layer()),  # the same cache without eviction
-                "kv_bytes_full_cache_per_layer": cache.full_cache_nbytes_per_layer(),
-                "visual_attended_per_step": per_step,
-                "visual_attention_ratio": mean_visual / (g * g),
-            }
+        stats = self._stats(prepared, state, settings, opts, inputs_embeds.shape[1], timer.times, vision_seconds,
+                            reused, kv_bytes, output.past_key_values if opts.avl is not None else None)
         return Answer(
-            text=text,
+            text=self.tokenizer.decode(token_ids, skip_special_tokens=True).strip(),
             mode=mode,
             token_ids=token_ids,
             tokens=[self.tokenizer.decode([t]) for t in token_ids],
@@ -393,21 +327,49 @@ class FlexVLM:
             settings=settings.to_dict(),
         )
 
-
-def _avl_settings(avl) -> AVLSettings | None:
-    if avl is None or avl is False:
-        return None
-    if avl is True:
-        return AVLSettings()
-    return avl if isinstance(avl, AVLSettings) else AVLSettings(**avl)
-
-
-def _layer_nbytes(layer) -> int:
-    if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
-        return 0
-    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-
-
-def _mean_attended(attended: list[list[int]], selection_layer: int) -> float:
-    values = [count for per_layer in attended for count in per_layer[selection_layer + 1 :]]
-    return sum(values) / len(values) if values else 0.0
+    def _stats(self, prepared: PreparedImage, state: FlexState, settings: FlexSettings, opts: AnswerOptions,
+               prompt_len: int, times: list[float], vision_seconds: float, reused: int, kv_bytes: list[int],
+               avl_cache: AVLCache | None) -> AnswerStats:
+        n_layers = self.model.config.text_config.num_hidden_layers
+        g, G = prepared.lr_grid, prepared.hr_grid
+        passes = len(times) - 1
+        attended = state.hr_attended(n_layers)
+        projected = state.hr_projected(n_layers)
+        crops = prepared.hr.crops_encoded if opts.mode != "lowres" else 0
+        flops = cost.call_flops(  # LR view + the HR crops this image needed so far, as if encoded by this call
+            self.model.config, opts.mode, prompt_len, passes, attended, selection_layer=settings.selection_layer,
+            zoom=settings.zoom, hr_crops=crops, avl_keys=avl_cache.keys_scored if avl_cache is not None else None,
+            hr_projected=projected,
+        )
+        decode = [b - a for a, b in zip(times[1:-1], times[2:])]
+        hr_layers = [count for per_layer in attended for count in per_layer[settings.selection_layer + 1 :]]
+        avl = None
+        if avl_cache is not None:
+            steps = avl_cache.visual_attended[1:]  # decoding steps (the prefill attends to every image token)
+            per_step = [sum(layers) / len(layers) for layers in steps if layers]
+            mean_visual = sum(per_step) / len(per_step) if per_step else float(g * g)
+            full = avl_cache.full_cache_nbytes_per_layer()
+            avl = AVLStats(opts.avl, sum(full), full, per_step, mean_visual / (g * g))
+        return AnswerStats(
+            lr_tokens=g * g,
+            hr_tokens=G * G,
+            text_tokens=prompt_len - g * g,
+            prompt_tokens=prompt_len,
+            generated_tokens=passes,
+            hr_attended_per_layer=attended[0] if attended else [],
+            hr_attended_mean=sum(hr_layers) / len(hr_layers) if hr_layers else 0.0,
+            hr_crops_encoded=crops,
+            hr_kv_projected=sum(map(sum, projected)),
+            prefix_tokens_reused=reused,
+            kv_bytes=sum(kv_bytes),
+            kv_bytes_per_layer=kv_bytes,
+            latency_s=Latency(
+                vision=vision_seconds,
+                prefill=times[1] - times[0] if passes else 0.0,
+                decode_per_token=sum(decode) / len(decode) if decode else 0.0,
+                generation=times[-1] - times[0],
+            ),
+            flops=flops,
+            untrained_hr_projections=settings.untrained_hr_projections,
+            avl=avl,
+        )

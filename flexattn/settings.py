@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODES = ("lowres", "flex", "select_all")
+MODES = ("lowres", "flex", "select_all")  # what a model answers in
+# The benchmark's and the cost model's modes add naive high-res: every HR token fed to the LLM as an input token
+# (a cost reference: no model is trained for it).
+COST_MODES = (*MODES, "naive_hd")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,15 @@ class FlexSettings:
         )
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+def check_mode(mode: str, allowed: tuple[str, ...] = MODES) -> str:
+    if mode not in allowed:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(allowed)}")
     return mode
+
+
+def parse_modes(text: str, allowed: tuple[str, ...] = MODES) -> list[str]:
+    """"lowres,flex" -> ["lowres", "flex"], each checked against `allowed`."""
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not modes:
+        raise ValueError(f"no mode given; choose from {', '.join(allowed)}")
+    return [check_mode(m, allowed) for m in modes]

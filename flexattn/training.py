@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import FlexState
+from .attention import FlexHooks, FlexState
 from .prompt import conversation, tokenize_around_image
 from .settings import FlexSettings
 
@@ -107,10 +107,10 @@ def teacher_forced(
     settings: FlexSettings,
     original_sizes,
     mode: str = "flex",
-    **state_options,
+    **hooks,
 ) -> tuple[torch.Tensor, FlexState]:
     """One forward over a batch with the image's LR features spliced in and each answer row as an HR row:
-    (logits, the pass's FlexState). state_options go to FlexState (keep_lr_maps, planted_selection, ...)."""
+    (logits, the pass's FlexState). `hooks` go to FlexHooks (keep_lr_maps, planted_selection, ...)."""
     device = lr_features.device
     g = int(round(lr_features.shape[1] ** 0.5))
     embeds = model.get_input_embeddings()(batch.input_ids.to(device))
@@ -120,9 +120,9 @@ def teacher_forced(
     if mode != "lowres":
         hr_cos, hr_sin = model.hr_rotary_tables(start, g, g * settings.zoom)
     state = FlexState(
-        mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features,
-        hr_cos=hr_cos, hr_sin=hr_sin, original_sizes=original_sizes, rows=batch.rows.to(device),
-        row_valid=batch.row_valid.to(device), **state_options,
+        mode=mode, settings=settings, image_start=start, lr_grid=g, hr_features=hr_features, hr_cos=hr_cos,
+        hr_sin=hr_sin, original_sizes=original_sizes,
+        hooks=FlexHooks(rows=batch.rows.to(device), row_valid=batch.row_valid.to(device), **hooks),
     )
     logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), flex_state=state).logits
     return logits, state
@@ -162,19 +162,20 @@ def forward_loss(
     if late_layer is not None and batch.late_target_cells is None:
         raise ValueError("late_layer needs the batch's late targets: collate(..., row_late_targets=...)")
     late = batch.late_target_cells.to(device) if late_layer is not None else None
-    if aux_weight > 0 and state.lr_maps and batch.target_cells is not None:
-        aux = by_layer(attention_loss, state.lr_maps, batch.target_cells.to(device), late, late_layer)
+    lr_maps, hr_maps = state.hooks.lr_maps, state.hooks.hr_maps
+    if aux_weight > 0 and lr_maps and batch.target_cells is not None:
+        aux = by_layer(attention_loss, lr_maps, batch.target_cells.to(device), late, late_layer)
         loss = loss + aux_weight * aux
         stats["aux"] = aux.item()
-    if select_weight > 0 and state.lr_maps and batch.target_cells is not None:
+    if select_weight > 0 and lr_maps and batch.target_cells is not None:
         # The last layer's map selects for no later layer, so only the maps whose masks are used take part.
         last = model.config.get_text_config().num_hidden_layers - 1
-        used = [(layer, m) for layer, m in state.lr_maps if layer < last]
+        used = [(layer, m) for layer, m in lr_maps if layer < last]
         sel = by_layer(selection_loss, used, batch.target_cells.to(device), late, late_layer, settings.threshold)
         loss = loss + select_weight * sel
         stats["sel"] = sel.item()
-    if read_weight > 0 and state.hr_maps and batch.read_cells is not None:
-        read = reading_loss(state.hr_maps, batch.read_cells.to(device))
+    if read_weight > 0 and hr_maps and batch.read_cells is not None:
+        read = reading_loss(hr_maps, batch.read_cells.to(device))
         loss = loss + read_weight * read
         stats["read"] = read.item()
     return loss, stats
@@ -247,15 +248,3 @@ def selection_loss(lr_maps, target_cells: torch.Tensor, threshold: float, temper
     return torch.cat(losses).mean() if losses else torch.zeros(())
 
 
-def box_cells(box, image_size: tuple[int, int], lr_grid: int) -> torch.Tensor:
-    """(g, g) bool: LR cells covered by a pixel box (x0, y0, x1, y1) of the original image, after square padding."""
-    w, h = image_size
-    side = max(w, h)
-    ox, oy = (side - w) // 2, (side - h) // 2
-    x0, y0, x1, y1 = box
-    cell = side / lr_grid
-    c0, c1 = int((x0 + ox) // cell), int(min(lr_grid - 1, (x1 + ox - 1e-6) // cell))
-    r0, r1 = int((y0 + oy) // cell), int(min(lr_grid - 1, (y1 + oy - 1e-6) // cell))
-    cells = torch.zeros(lr_grid, lr_grid, dtype=torch.bool)
-    cells[r0 : r1 + 1, c0 : c1 + 1] = True
-    return cells

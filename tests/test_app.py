@@ -27,6 +27,8 @@ from app.events import Events, new_session
 from app.examples import load_examples
 from app.geometry import Frame, selection_recall
 from flexattn import EMBEDDED_MODEL, FlexVLM
+from flexattn.avl import AVLSettings
+from flexattn.cost import Flops
 from flexattn.synthetic import make_sample
 from tests.conftest import make_vlm, random_image, write_transformers_checkpoint
 
@@ -189,7 +191,7 @@ def test_figures_have_one_trace_per_view_and_the_grid_sizes():
     assert len(grid.data) == 2 * 24 and sum(t.type == "heatmap" for t in grid.data) == 24
     assert all(np.asarray(t.z).shape == (G, G) for t in grid.data if t.type == "heatmap")
     assert len(grid.to_json()) < 600_000  # 24 layers of 72x72 stay light
-    chart = figures.layers_chart_figure([0] * 9 + [100] * 23, G * G, [0.0] * 32, {"vision": 1, "llm": 2}, 8)
+    chart = figures.layers_chart_figure([0] * 9 + [100] * 23, G * G, [0.0] * 32, Flops(vision=1, llm=2), 8)
     assert [t.type for t in chart.data] == ["bar", "scatter", "scatter", "bar"]
 
 
@@ -286,7 +288,7 @@ def test_follow_up_keeps_the_conversation_and_reuses_hr_features(events, app_vlm
     assert [m["role"] for m in chat2] == ["user", "assistant", "user", "assistant"]
     assert seen_history["history"] == [(QUESTION, chat[1]["content"])]
     assert encodes["n"] == 0  # same image: LR/HR features come from the cache
-    assert state2["answer"]["stats"]["latency_s"]["vision"] < state["answer"]["stats"]["latency_s"]["vision"] + 1
+    assert state2["answer"]["stats"].prefix_tokens_reused > 0  # and the prompt's keys/values up to the new turn
     # a new image starts a new conversation
     chat3, state3, _, _ = ask(events, images["large"], "what is this ?", state2)
     assert [m["role"] for m in chat3] == ["user", "assistant"] and state3["history"][0][0] == "what is this ?"
@@ -438,10 +440,10 @@ def test_avl_switch_changes_the_call(events, images, monkeypatch):
     monkeypatch.setattr(runtime, "stream_answer", spy)
     _, off, md_off, _ = ask(events, images["rgb"])
     _, on, md_on, _ = ask(events, images["rgb"], **AVL_ON)
-    assert seen == [None, {k: v for k, v in AVL_ON.items() if k != "avl"}]
+    assert seen == [None, AVLSettings(**{k: v for k, v in AVL_ON.items() if k != "avl"})]
     s_off, s_on = off["answer"]["stats"], on["answer"]["stats"]
-    assert "avl" not in s_off and "avl" in s_on
-    assert s_on["kv_bytes"] < s_off["kv_bytes"] == s_on["avl"]["kv_bytes_full_cache"]
+    assert s_off.avl is None and s_on.avl is not None
+    assert s_on.kv_bytes < s_off.kv_bytes == s_on.avl.kv_bytes_full_cache
     assert "A-VL off" in md_off and "A-VL: KV cache" in md_on
     with pytest.raises(gr.Error, match="vision_evict_rate"):
         ask(events, images["rgb"], **{**AVL_ON, "vision_evict_rate": 1.5})
@@ -466,10 +468,10 @@ def test_avl_panel_redraws_from_the_cached_trace(events, app_vlm, images, monkey
                 assert trace.passes[token][layer].avl_refresh == refresh
                 assert ("refresh step" in text) == refresh and ("refresh" in fig.layout.annotations[0].text) == refresh
     full, held = chart.data[0], chart.data[1]
-    assert list(held.y) == pytest.approx([b / 1024 for b in stats["kv_bytes_per_layer"]])
-    assert sum(full.y) == pytest.approx(stats["avl"]["kv_bytes_full_cache"] / 1024)
+    assert list(held.y) == pytest.approx([b / 1024 for b in stats.kv_bytes_per_layer])
+    assert sum(full.y) == pytest.approx(stats.avl.kv_bytes_full_cache / 1024)
     assert all(h < f for h, f in zip(held.y, full.y))
-    steps = stats["avl"]["visual_attended_per_step"]
+    steps = stats.avl.visual_attended_per_step
     assert sorted([*chart.data[2].x, *chart.data[3].x]) == list(range(1, len(steps) + 1))
     assert list(chart.data[3].x) == [k for k in range(1, len(steps) + 1) if k % 3 == 0]
 

@@ -93,7 +93,7 @@ def test_all_rates_zero_equals_full_cache(mode):
     full = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=10, reuse_prefix=False)
     zero = vlm.answer(image, QUESTION, mode=mode, max_new_tokens=10, avl=ZERO)
     assert zero.token_ids == full.token_ids and len(full.token_ids) == 10
-    assert zero.stats["kv_bytes"] == full.stats["kv_bytes"] == zero.stats["avl"]["kv_bytes_full_cache"]
+    assert zero.stats.kv_bytes == full.stats.kv_bytes == zero.stats.avl.kv_bytes_full_cache
     for pf, pz in zip(full.trace.passes, zero.trace.passes):
         for lf, lz in zip(pf, pz):
             assert np.array_equal(lf.lr_attention, lz.lr_attention)
@@ -106,8 +106,8 @@ def test_default_avl_holds_less_and_attends_to_fewer_visual_tokens():
     image = random_image(90, 60, seed=3)
     full = vlm.answer(image, QUESTION, mode="flex", max_new_tokens=10, reuse_prefix=False)
     avl = vlm.answer(image, QUESTION, mode="flex", max_new_tokens=10, avl=True)
-    assert avl.stats["kv_bytes"] < full.stats["kv_bytes"] == avl.stats["avl"]["kv_bytes_full_cache"]
-    assert 0 < avl.stats["avl"]["visual_attention_ratio"] < 0.5
+    assert avl.stats.kv_bytes < full.stats.kv_bytes == avl.stats.avl.kv_bytes_full_cache
+    assert 0 < avl.stats.avl.visual_attention_ratio < 0.5
     states = avl.trace.passes[1][2].avl_state  # first decoding step, layer 2
     assert states.shape == (6, 6) and set(np.unique(states)) <= {0, 1, 2}
     assert (states == 0).sum() == 18 and (states == 2).sum() == 6  # half evicted; 30 % of the rest is core
@@ -118,5 +118,5 @@ def test_prefill_filter_drops_image_tokens_after_its_layer():
     image = random_image(90, 60, seed=3)
     settings = dict(ZERO, prefill_filter_layer=1, prefill_keep=0.25)
     got = vlm.answer(image, QUESTION, mode="lowres", max_new_tokens=3, avl=settings)
-    per_layer = got.stats["kv_bytes_per_layer"]
+    per_layer = got.stats.kv_bytes_per_layer
     assert per_layer[0] == per_layer[1] > per_layer[2] == per_layer[3]

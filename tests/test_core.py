@@ -169,7 +169,7 @@ def test_trace_records_every_layer_and_token(tiny_vlm):
     got = tiny_vlm.answer(random_image(120, 80, seed=11), QUESTION, mode="flex", max_new_tokens=4)
     trace = got.trace
     n_layers = tiny_vlm.model.config.text_config.num_hidden_layers
-    assert len(trace.passes) == got.stats["generated_tokens"] >= 1
+    assert len(trace.passes) == got.stats.generated_tokens >= 1
     S = tiny_vlm.settings.selection_layer
     for layers in trace.passes:
         assert len(layers) == n_layers
@@ -183,7 +183,7 @@ def test_trace_records_every_layer_and_token(tiny_vlm):
                 # attention mass on HR is spent only on tokens the layer attended
                 used = layers[lt.layer - 1].selected
                 assert np.all(lt.hr_attention[~used] == 0)
-    assert got.stats["hr_attended_per_layer"] == [lt.hr_attended for lt in trace.passes[0]]
+    assert got.stats.hr_attended_per_layer == [lt.hr_attended for lt in trace.passes[0]]
     limited = TraceRecorder(4, 12, S, max_passes=1)
     assert limited.max_passes == 1
 
@@ -227,7 +227,7 @@ def test_hr_features_computed_once_per_image(tiny_vlm, monkeypatch):
     second = tiny_vlm.answer(image, "which colour is this ?", max_new_tokens=2,
                              history=[(QUESTION, first.text or "red")])
     assert len(calls) == 1 + 9  # LR view + each of the 3x3 HR crops, once
-    assert second.stats["latency_s"]["vision"] < first.stats["latency_s"]["vision"]
+    assert second.stats.latency_s.vision < first.stats.latency_s.vision
 
 
 def test_lazy_hr_encoding_is_bit_identical_and_encodes_only_touched_crops():
@@ -244,9 +244,9 @@ def test_lazy_hr_encoding_is_bit_identical_and_encodes_only_touched_crops():
             assert np.array_equal(le.lr_attention, ll.lr_attention)
             if le.hr_attention is not None:
                 assert np.array_equal(le.hr_attention, ll.hr_attention)  # bit-identical, not merely close
-    assert eager.stats["hr_crops_encoded"] == 9
-    assert 0 < lazy.stats["hr_crops_encoded"] < 9
-    assert lazy.stats["flops"]["vision"] < eager.stats["flops"]["vision"]
+    assert eager.stats.hr_crops_encoded == 9
+    assert 0 < lazy.stats.hr_crops_encoded < 9
+    assert lazy.stats.flops.vision < eager.stats.flops.vision
 
 
 @pytest.mark.parametrize("mode", ["lowres", "flex", "select_all"])
@@ -258,9 +258,9 @@ def test_follow_up_reuses_prompt_prefix_with_identical_answers(mode):
     warm = vlm.answer(image, "which colour is this ?", mode=mode, max_new_tokens=4, history=history)
     cold = vlm.answer(image, "which colour is this ?", mode=mode, max_new_tokens=4, history=history,
                       reuse_prefix=False)
-    assert first.stats["prefix_tokens_reused"] == 0
-    assert warm.stats["prefix_tokens_reused"] == first.stats["prompt_tokens"] - 1
-    assert cold.stats["prefix_tokens_reused"] == 0
+    assert first.stats.prefix_tokens_reused == 0
+    assert warm.stats.prefix_tokens_reused == first.stats.prompt_tokens - 1
+    assert cold.stats.prefix_tokens_reused == 0
     assert warm.token_ids == cold.token_ids
     for pw, pc in zip(warm.trace.passes, cold.trace.passes):
         for lw, lc in zip(pw, pc):
@@ -296,7 +296,7 @@ def test_hr_keys_values_are_projected_once_per_image():
     image = random_image(80, 96, seed=23)
     first = vlm.answer(image, QUESTION, max_new_tokens=4, reuse_prefix=False)
     again = vlm.answer(image, QUESTION, max_new_tokens=4, reuse_prefix=False)
-    assert first.stats["hr_kv_projected"] > 0
-    assert again.stats["hr_kv_projected"] == 0  # every selected token's keys/values came from the image's cache
+    assert first.stats.hr_kv_projected > 0
+    assert again.stats.hr_kv_projected == 0  # every selected token's keys/values came from the image's cache
     assert again.token_ids == first.token_ids
-    assert again.stats["flops"]["hr_attention"] < first.stats["flops"]["hr_attention"]
+    assert again.stats.flops.hr_attention < first.stats.flops.hr_attention

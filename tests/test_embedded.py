@@ -65,7 +65,7 @@ def test_flex_reads_what_lowres_cannot(vlm, seed, family):
     assert flex.text == sample.answer
     assert low.text != flex.text
     # selection is a small part of the HR grid
-    assert 0 < flex.stats["hr_attended_mean"] <= 0.35 * flex.stats["hr_tokens"]
+    assert 0 < flex.stats.hr_attended_mean <= 0.35 * flex.stats.hr_tokens
 
 
 @pytest.mark.parametrize("prefix", ["what letter", "what colour"])

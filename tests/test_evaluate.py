@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexattn.evaluate import evaluate_synthetic, evaluate_vstar, format_table, hr_cells, load_vstar
+from flexattn.evaluate import evaluate_synthetic, evaluate_vstar, format_table, load_vstar
+from flexattn.image import boxes_cells
 from flexattn.image import ImageProcessor
 from flexattn.loading import LoadedModel
 from flexattn.pipeline import FlexVLM
@@ -59,9 +60,9 @@ def test_long_bench_is_the_reading_family_and_avl_fields(synthetic_vlm):
 
 def test_hr_cells_follow_square_padding():
     # 336x168 image padded to 336x336 (84 px top margin), 24x24 grid of 14 px cells.
-    cells = hr_cells([(0, 0, 14, 14)], (336, 168), 24)
+    cells = boxes_cells([(0, 0, 14, 14)], (336, 168), 24)
     assert cells.sum() == 1 and cells[6, 0]
-    assert hr_cells([(10, 10, 30, 20)], (336, 336), 24).sum() == 2 * 3
+    assert boxes_cells([(10, 10, 30, 20)], (336, 336), 24).sum() == 2 * 3
 
 
 def test_vstar_layout_and_option_scoring(synthetic_vlm, tmp_path):

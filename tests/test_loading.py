@@ -56,7 +56,7 @@ def test_released_layout_with_sentencepiece_tokenizer(source, tmp_path):
     ids = vlm.tokenizer("USER: hello").input_ids
     assert ids[0] == vlm.tokenizer.bos_token_id == 1
     got = vlm.answer(random_image(60, 80), QUESTION, max_new_tokens=3)
-    assert got.stats["generated_tokens"] >= 1
+    assert got.stats.generated_tokens >= 1
 
 
 def test_transformers_llava_without_hr_weights_is_an_untrained_plugin(source, tmp_path):
@@ -72,7 +72,7 @@ def test_transformers_llava_without_hr_weights_is_an_untrained_plugin(source, tm
     assert torch.equal(attn.k_proj_hd.weight, attn.k_proj.weight)
     assert torch.equal(attn.v_proj_hd.weight, attn.v_proj.weight)
     got = vlm.answer(random_image(64, 64), QUESTION, max_new_tokens=2)
-    assert got.stats["untrained_hr_projections"] is True
+    assert got.stats.untrained_hr_projections is True
 
 
 def test_missing_checkpoint_names_it_in_one_line(tmp_path):

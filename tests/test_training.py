@@ -5,12 +5,17 @@ import pytest
 import torch
 
 from flexattn.attention import select_hr_tokens
+from flexattn.image import box_cells
 from flexattn.training import (
-    attention_loss, box_cells, by_layer, collate, forward_loss, reading_loss, selection_loss, target_masks,
+    attention_loss, by_layer, collate, forward_loss, reading_loss, selection_loss, target_masks,
     teacher_forced,
 )
 
 from .conftest import make_vlm, random_image
+
+
+def box_cells_t(box, size, grid) -> torch.Tensor:
+    return torch.from_numpy(box_cells(box, size, grid))
 
 QUESTIONS = ["what letter is on the red circle ?", "which colour is this ?"]
 
@@ -105,9 +110,9 @@ def test_reading_loss_prefers_attention_on_the_glyph_among_selected_tokens():
 
 def test_box_cells_account_for_square_padding():
     # 200x100 image padded to 200x200: y offset 50; LR grid 4 -> 50 px cells.
-    cells = box_cells((0, 0, 40, 40), (200, 100), 4)
+    cells = box_cells_t((0, 0, 40, 40), (200, 100), 4)
     assert cells.nonzero().tolist() == [[1, 0]]
-    cells = box_cells((120, 60, 190, 99), (200, 100), 4)
+    cells = box_cells_t((120, 60, 190, 99), (200, 100), 4)
     assert cells.nonzero().tolist() == [[2, 2], [2, 3]]
 
 
@@ -116,9 +121,9 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     model = vlm.model.train()
     prepared = [vlm.prepare(random_image(70, 70, seed=s)) for s in (3, 4)]
     g = prepared[0].lr_grid
-    glyph = box_cells((10, 10, 20, 20), (70, 70), g * vlm.settings.zoom)
+    glyph = box_cells_t((10, 10, 20, 20), (70, 70), g * vlm.settings.zoom)
     batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
-                    row_targets=[[box_cells((0, 0, 30, 30), (70, 70), g)] * 2] * 2, row_reads=[[glyph] * 2] * 2)
+                    row_targets=[[box_cells_t((0, 0, 30, 30), (70, 70), g)] * 2] * 2, row_reads=[[glyph] * 2] * 2)
     assert batch.read_cells.shape == (2, batch.rows.shape[1], glyph.numel()) and batch.read_cells[1, 1].any()
     lr = torch.stack([p.lr_features for p in prepared]).detach()
     hr = torch.stack([p.hr_features for p in prepared]).detach()
@@ -144,7 +149,7 @@ def test_planted_target_masks_bound_what_rows_read():
     vlm = make_vlm(seed=10, num_layers=4, selection_layer=1, lowres_size=56, threshold=60)
     prepared = [vlm.prepare(random_image(70, 70, seed=s)) for s in (5, 6)]
     g, zoom = prepared[0].lr_grid, vlm.settings.zoom
-    target = box_cells((0, 0, 30, 30), (70, 70), g)
+    target = box_cells_t((0, 0, 30, 30), (70, 70), g)
     batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
                     row_targets=[[target] * 2, [target] * 3])
     masks = target_masks(batch, zoom)
@@ -165,8 +170,8 @@ def test_planted_target_masks_bound_what_rows_read():
     with torch.no_grad():  # what the reading loss sees: attention on exactly the planted tokens
         _, state = teacher_forced(vlm.model, batch, lr, hr, vlm.settings, sizes, keep_hr_maps=True,
                                   planted_selection=masks)
-    assert [layer for layer, _ in state.hr_maps] == [2, 3]  # the layers after the selection layer
-    for _, probs in state.hr_maps:
+    assert [layer for layer, _ in state.hooks.hr_maps] == [2, 3]  # the layers after the selection layer
+    for _, probs in state.hooks.hr_maps:
         assert probs.shape == (2, vlm.model.config.text_config.num_attention_heads, batch.rows.shape[1], G * G)
         assert (probs[:, :, 0] > 0).equal(masks[:, None, 0].expand_as(probs[:, :, 0]))
         assert bool((probs.sum(-1) < 1).all())  # the rest went to text and LR tokens
