@@ -18,6 +18,7 @@ from .loading import ModelLoadError
 from .pipeline import FlexVLM
 from .prompt import PromptError, check_question
 from .settings import COST_MODES, MODES, parse_modes
+from .synthetic import BENCHES
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy, HR share, selection recall and TFLOPs per mode and family")
     add_model_args(ev)
-    ev.add_argument("--bench", default="synthetic", choices=[*evaluate.BENCH_FAMILIES, "vstar"])
+    ev.add_argument("--bench", default="synthetic", choices=[*BENCHES, "vstar"])
     ev.add_argument("--n", type=int, default=500, help="samples (synthetic benches)")
     ev.add_argument("--seed", type=int, default=10_000_000, help="first held-out seed (training used < 10M)")
     ev.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {','.join(MODES)}")

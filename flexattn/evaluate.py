@@ -21,9 +21,7 @@ from .attention import FlexHooks
 from .image import boxes_cells
 from .prompt import conversation, tokenize_around_image
 from .settings import MODES
-from .synthetic import make_split
-
-BENCH_FAMILIES = {"synthetic": ("attribute", "spatial"), "synthetic-long": ("reading",)}
+from .synthetic import BENCHES, bench_split
 VSTAR_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
@@ -51,15 +49,13 @@ def last_attended_mask(trace, token: int):
 
 
 def selection_recall(sample, trace, image_size) -> float | None:
-    """Mean over answer tokens with a known target: |target cells ∩ mask| / |target cells|."""
+    """Mean over answer tokens of |token's target cells ∩ its mask| / |token's target cells|: each answer token
+    against its own target (a multi answer's k-th letter against the k-th named shape; a left/right answer against
+    both named shapes), with the mask the last layer attended with."""
     if trace is None or not trace.passes:
         return None
-    if sample.family == "reading":  # answer token k reads shape k
-        targets = [(k, [box]) for k, box in enumerate(sample.target_boxes)]
-    else:  # one answering token needs every target shape
-        targets = [(0, list(sample.target_boxes))]
     recalls = []
-    for token, boxes in targets:
+    for token, boxes in enumerate(sample.token_boxes):
         recall = mask_recall(last_attended_mask(trace, token), boxes, image_size)
         if recall is not None:
             recalls.append(recall)
@@ -89,8 +85,8 @@ def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 
     reproduces position for position), `accuracy_drop` (full minus A-VL accuracy), `visual_attention_ratio`
     (visual tokens attended per decoding step / LR image tokens) and `avl_accuracy`.
     """
-    families = BENCH_FAMILIES[bench]
-    samples = make_split(n, seed, families)
+    families = BENCHES[bench]
+    samples = bench_split(bench, n, seed)
     runs = [(mode, None) for mode in modes]
     if shifted and "flex" in modes:
         runs.append(("flex", "shifted"))

@@ -1,18 +1,27 @@
 """Synthetic high-resolution VQA: coloured shapes carrying tiny letters.
 
 Each image is HR_SIZE x HR_SIZE RGB with a textured background, small distractor marks and 3-8
-non-overlapping coloured shapes. Every shape carries one letter drawn as a 5x7 one-pixel bitmap
-glyph: readable at HR (336 px), a 2x2-pixel smudge after the 3x downscale to the LR view (112 px).
-Colours and shapes stay visible at LR, so the LR view can find *where* to look, but only the HR
-view can tell *which letter* is there.
+non-overlapping coloured shapes, every (colour, shape) pair at most once. Every shape carries one
+letter drawn as a 5x7 one-pixel bitmap glyph: readable at HR (336 px), a 2x2-pixel smudge after the
+3x downscale to the LR view (112 px). Colours and shapes stay visible at LR, so the LR view can find
+*where* to look, but only the HR view can tell *which letter* is there.
 
-Question families (mirroring V* Bench):
+Question families (each answer token needs one region that LR cues find and only HR can read):
   attribute  "what letter is on the red circle ?" -> "k"
              "what colour is the shape marked k ?" -> "red"
-  spatial    "is the k left or right of the p ?" -> "left" / "right"
-  reading    "read the letters on the shapes from left to right ." -> "k p e t" (4-8 letters)
+  spatial    "is the shape marked k left or right of the blue square ?" -> "left" / "right"
+             (the target is named by what only HR shows, the reference by what LR shows, as in
+             V* Bench's relative_position)
+  multi      "what letters are on the red circle , the blue square and the green triangle ?"
+             -> "k p e": each answer token reads a different shape (2-3 targets; 4-6 in the long set)
+Control kinds, answerable from the LR view alone, share the vocabulary (training uses them):
+  ctl_colour "what colour is the circle ?"   ctl_shape "what shape is the red shape ?"
+  ctl_spatial "is the red circle left or right of the blue square ?"
 
-Everything is a pure function of (seed, family): a numpy Generator is seeded per sample.
+Every question carries, per answer token, the shapes that token is about (`Question.targets`; a
+spatial answer is about both named shapes) and which shapes it names by their letter (`by_letter`),
+which the LR view cannot find. Everything is a pure function of (seed, family, ...): a numpy
+Generator is seeded per sample.
 
 Label conventions (see `patch_labels`): class indices are positions in LETTERS, COLOURS and
 SHAPES; -1 means "none" (no letter / background).
@@ -39,7 +48,10 @@ NONE = -1
 LETTERS = ("e", "f", "h", "k", "l", "n", "p", "r", "t", "u", "x", "z")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 SHAPES = ("circle", "square", "triangle", "diamond")
-FAMILIES = ("attribute", "spatial", "reading")
+FAMILIES = ("attribute", "spatial", "multi")
+# Targets of a multi question: the benchmark set and the long-answer set.
+MULTI_TARGETS = {"synthetic": (2, 3), "synthetic-long": (4, 6)}
+BENCHES = {"synthetic": FAMILIES, "synthetic-long": ("multi",)}
 
 COLOUR_RGB = {
     "red": (215, 35, 35),
@@ -79,16 +91,19 @@ GLYPH_H, GLYPH_W = 7, 5
 # Shape size: "radius" in HR px. A 36-52 px shape is 12-17 px in the LR view.
 MIN_RADIUS, MAX_RADIUS = 18, 26
 MIN_SHAPES, MAX_SHAPES = 3, 8
-MIN_READ, MAX_READ = 4, 8
-READ_MIN_DX = 12  # reading: centres at least this far apart horizontally
-SPATIAL_MIN_DX = 48  # spatial: centres this far apart and boxes not overlapping in x
+SPATIAL_MIN_DX = 48  # left/right: centres this far apart and boxes not overlapping in x
 
 QUESTION_TEMPLATES = {
     "letter_of": "what letter is on the {colour} {shape} ?",
     "colour_of": "what colour is the shape marked {letter} ?",
-    "spatial": "is the {a} left or right of the {b} ?",
-    "reading": "read the letters on the shapes from left to right .",
+    "spatial": "is the shape marked {letter} left or right of the {colour} {shape} ?",
+    "multi": "what letters are on {shapes} ?",  # "the red circle , the blue square and the green triangle"
+    "ctl_colour": "what colour is the {shape} ?",
+    "ctl_shape": "what shape is the {colour} shape ?",
+    "ctl_spatial": "is the {colour} {shape} left or right of the {colour2} {shape2} ?",
 }
+FAMILY_KINDS = {"attribute": ("letter_of", "colour_of"), "spatial": ("spatial",), "multi": ("multi",)}
+CONTROL_KINDS = ("ctl_colour", "ctl_shape", "ctl_spatial")
 SPATIAL_ANSWERS = ("left", "right")
 
 # LLaVA v1 conversation prompt words (lowercased by the tokenizer's normalizer).
@@ -100,7 +115,7 @@ PROMPT_TEXT = (
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shape:
     kind: str  # one of SHAPES
     colour: str  # one of COLOURS
@@ -110,16 +125,38 @@ class Shape:
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) HR px, inclusive-exclusive
     letter_box: tuple[int, int, int, int]  # glyph pixels (x0, y0, x1, y1)
 
+    @property
+    def name(self) -> str:
+        """How the LR view can name it: "red circle" (unique in its image)."""
+        return f"{self.colour} {self.kind}"
+
     def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "colour": self.colour,
-            "letter": self.letter,
-            "centre": list(self.centre),
-            "radius": self.radius,
-            "box": list(self.box),
-            "letter_box": list(self.letter_box),
-        }
+        return {"kind": self.kind, "colour": self.colour, "letter": self.letter, "centre": list(self.centre),
+                "radius": self.radius, "box": list(self.box), "letter_box": list(self.letter_box)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Shape":
+        return cls(data["kind"], data["colour"], data["letter"], tuple(data["centre"]), int(data["radius"]),
+                   tuple(data["box"]), tuple(data["letter_box"]))
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question about a scene's shapes.
+
+    targets: per answer token, the indices of the shapes that token is about (the region selection should find
+    for it); by_letter: the shapes the question names by their letter, which only the HR view shows (to find one,
+    selection has to bring in every shape's glyph first)."""
+
+    kind: str
+    text: str
+    answer: str
+    targets: tuple[tuple[int, ...], ...]
+    by_letter: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if len(self.targets) != len(self.answer.split()):
+            raise ValueError(f"{len(self.targets)} targets for the answer {self.answer!r}")
 
 
 @dataclass
@@ -128,25 +165,34 @@ class Sample:
     question: str
     answer: str
     family: str
-    target_boxes: list[tuple[int, int, int, int]]  # the shapes the answer needs, in answer order
     shapes: list[Shape]
     seed: int
-    kind: str = ""  # question template key (letter_of / colour_of / spatial / reading)
-    targets: list[int] = field(default_factory=list)  # indices into shapes, in answer order
+    kind: str  # question template key (letter_of / colour_of / spatial / multi)
+    token_targets: list[list[int]]  # per answer token, indices into shapes (see Question.targets)
+    by_letter: list[int] = field(default_factory=list)
     shape_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8: shape index + 1, 0 = none
+
+    @property
+    def targets(self) -> list[int]:
+        """Every shape the answer is about, once, in answer order."""
+        return list(dict.fromkeys(i for token in self.token_targets for i in token))
+
+    @property
+    def target_boxes(self) -> list[tuple[int, int, int, int]]:
+        return [self.shapes[i].box for i in self.targets]
+
+    @property
+    def token_boxes(self) -> list[list[tuple[int, int, int, int]]]:
+        """Per answer token, the boxes of the shapes it is about (what its selection should cover)."""
+        return [[self.shapes[i].box for i in token] for token in self.token_targets]
 
     def to_dict(self) -> dict:
         """JSON-able metadata (everything but the pixels)."""
-        return {
-            "seed": self.seed,
-            "family": self.family,
-            "kind": self.kind,
-            "question": self.question,
-            "answer": self.answer,
-            "target_boxes": [list(b) for b in self.target_boxes],
-            "targets": list(self.targets),
-            "shapes": [s.to_dict() for s in self.shapes],
-        }
+        return {"seed": self.seed, "family": self.family, "kind": self.kind, "question": self.question,
+                "answer": self.answer, "token_targets": [list(t) for t in self.token_targets],
+                "by_letter": list(self.by_letter), "target_boxes": [list(b) for b in self.target_boxes],
+                "token_boxes": [[list(b) for b in boxes] for boxes in self.token_boxes],
+                "shapes": [s.to_dict() for s in self.shapes]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +265,7 @@ def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size:
 
 
 def _place_shapes(
-    rng: np.random.Generator, n: int, grid_aligned: bool, min_dx: int = 0, max_tries: int = 400
+    rng: np.random.Generator, n: int, grid_aligned: bool, max_tries: int = 400
 ) -> list[tuple[int, int, int, str]] | None:
     """n non-overlapping (cx, cy, r, kind) placements fully inside the image, or None."""
     placed: list[tuple[int, int, int, str]] = []
@@ -239,9 +285,6 @@ def _place_shapes(
         ok = True
         for px, py, pr, pk in placed:
             if np.hypot(cx - px, cy - py) < br + _bounding_radius(pk, pr) + 6:
-                ok = False
-                break
-            if min_dx and abs(cx - px) < min_dx:
                 ok = False
                 break
         if ok:
@@ -266,12 +309,14 @@ def glyph_box(cx: int, cy: int) -> tuple[int, int, int, int]:
     return x0, y0, x0 + GLYPH_W, y0 + GLYPH_H
 
 
-def render_scene(
-    rng: np.random.Generator,
-    placements: list[tuple[int, int, int, str]],
-    colours: list[str],
-    letters: list[str],
-) -> tuple[Image.Image, list[Shape], np.ndarray]:
+def _make_shape(placement: tuple[int, int, int, str], colour: str, letter: str) -> Shape:
+    cx, cy, r, kind = placement
+    return Shape(kind=kind, colour=colour, letter=letter, centre=(cx, cy), radius=r, box=_shape_box(kind, cx, cy, r),
+                 letter_box=glyph_box(cx, cy))
+
+
+def render_scene(rng: np.random.Generator, shapes: list[Shape]) -> tuple[Image.Image, np.ndarray]:
+    """The image of these shapes on a fresh background, and its shape map (shape index + 1 per pixel, 0 = none)."""
     size = HR_SIZE
     bg = _background(rng, size)
     img = Image.fromarray(bg.astype(np.uint8))
@@ -279,23 +324,11 @@ def render_scene(
     _draw_distractors(rng, draw, size)
     shape_map = Image.new("L", (size, size), 0)
     mdraw = ImageDraw.Draw(shape_map)
-    shapes: list[Shape] = []
-    for i, ((cx, cy, r, kind), colour, letter) in enumerate(zip(placements, colours, letters)):
+    for i, s in enumerate(shapes):
         jitter = rng.integers(-12, 13, size=3)
-        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter))
-        _draw_shape(draw, kind, cx, cy, r, fill)
-        _draw_shape(mdraw, kind, cx, cy, r, i + 1)
-        shapes.append(
-            Shape(
-                kind=kind,
-                colour=colour,
-                letter=letter,
-                centre=(cx, cy),
-                radius=r,
-                box=_shape_box(kind, cx, cy, r),
-                letter_box=glyph_box(cx, cy),
-            )
-        )
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[s.colour], jitter))
+        _draw_shape(draw, s.kind, *s.centre, s.radius, fill)
+        _draw_shape(mdraw, s.kind, *s.centre, s.radius, i + 1)
     arr = np.asarray(img, dtype=np.float32).copy()
     for s in shapes:
         gx, gy, _, _ = s.letter_box
@@ -303,11 +336,81 @@ def render_scene(
         arr[gy + ys, gx + xs] = INK_RGB[s.colour]
     arr += rng.normal(0, 4.0, size=arr.shape).astype(np.float32)
     image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
-    return image, shapes, np.asarray(shape_map, dtype=np.uint8).copy()
+    return image, np.asarray(shape_map, dtype=np.uint8).copy()
 
 
 # --------------------------------------------------------------------------------------------
 # Questions
+
+
+def clearly_left(a: Shape, b: Shape) -> bool:
+    """a is clearly left of b: centres SPATIAL_MIN_DX apart and no horizontal overlap of the boxes."""
+    return b.centre[0] - a.centre[0] >= SPATIAL_MIN_DX and a.box[2] <= b.box[0]
+
+
+def _shape_list(names: list[str]) -> str:
+    phrases = [f"the {n}" for n in names]
+    return phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def ask(shapes: list[Shape], kind: str, rng: np.random.Generator, *, target: int | None = None,
+        answer: str | None = None, multi_targets: tuple[int, int] = MULTI_TARGETS["synthetic"]) -> Question | None:
+    """A question of `kind` about these shapes, or None when they allow none.
+
+    Without `target` / `answer` they are drawn from `rng`; a sample fixes them first so its answers are balanced:
+    `target` is the shape the question is about (letter_of, colour_of), `answer` the side (spatial). multi asks for
+    `multi_targets` (inclusive range) shapes, at most all but one of them.
+    """
+    n = len(shapes)
+    if kind in ("letter_of", "colour_of"):
+        t = int(rng.integers(n)) if target is None else target
+        s = shapes[t]
+        if kind == "letter_of":
+            return Question(kind, QUESTION_TEMPLATES[kind].format(colour=s.colour, shape=s.kind), s.letter, ((t,),))
+        return Question(kind, QUESTION_TEMPLATES[kind].format(letter=s.letter), s.colour, ((t,),), (t,))
+    if kind in ("spatial", "ctl_spatial"):
+        side = SPATIAL_ANSWERS[int(rng.integers(2))] if answer is None else answer
+        if kind == "spatial":  # a reference with shapes on both sides: its position says nothing of the answer
+            refs = [r for r in range(n) if any(clearly_left(shapes[i], shapes[r]) for i in range(n))
+                    and any(clearly_left(shapes[r], shapes[i]) for i in range(n))]
+        else:
+            refs = list(range(n))
+        rng.shuffle(refs)
+        for r in refs:
+            ref = shapes[r]
+            on_side = [i for i in range(n)
+                       if (clearly_left(shapes[i], ref) if side == "left" else clearly_left(ref, shapes[i]))]
+            if not on_side:
+                continue
+            t = on_side[int(rng.integers(len(on_side)))]
+            s = shapes[t]
+            if kind == "spatial":
+                text = QUESTION_TEMPLATES[kind].format(letter=s.letter, colour=ref.colour, shape=ref.kind)
+                return Question(kind, text, side, ((t, r),), (t,))
+            text = QUESTION_TEMPLATES[kind].format(colour=s.colour, shape=s.kind, colour2=ref.colour, shape2=ref.kind)
+            return Question(kind, text, side, ((t, r),))
+        return None
+    if kind == "multi":
+        lo, hi = multi_targets
+        hi = min(hi, n - 1)
+        if hi < lo:
+            return None
+        k = int(rng.integers(lo, hi + 1))
+        chosen = [int(i) for i in rng.permutation(n)[:k]]
+        text = QUESTION_TEMPLATES[kind].format(shapes=_shape_list([shapes[i].name for i in chosen]))
+        return Question(kind, text, " ".join(shapes[i].letter for i in chosen), tuple((i,) for i in chosen))
+    if kind in ("ctl_colour", "ctl_shape"):  # the only shape of its kind (colour): ask its colour (kind)
+        key = (lambda s: s.kind) if kind == "ctl_colour" else (lambda s: s.colour)
+        values = [key(s) for s in shapes]
+        unique = [i for i in range(n) if values.count(values[i]) == 1]
+        if not unique:
+            return None
+        t = unique[int(rng.integers(len(unique)))]
+        s = shapes[t]
+        if kind == "ctl_colour":
+            return Question(kind, QUESTION_TEMPLATES[kind].format(shape=s.kind), s.colour, ((t,),))
+        return Question(kind, QUESTION_TEMPLATES[kind].format(colour=s.colour), s.kind, ((t,),))
+    raise ValueError(f"unknown question kind {kind!r}")
 
 
 def _family_index(family: str) -> int:
@@ -335,29 +438,31 @@ def _combos(rng: np.random.Generator, kinds: list[str], first_colour: str | None
     return colours  # type: ignore[return-value]
 
 
-def make_sample(seed: int, family: str, grid_aligned: bool = True) -> Sample:
-    """One sample, a pure function of (seed, family, grid_aligned).
+def make_sample(seed: int, family: str, grid_aligned: bool = True,
+                multi_targets: tuple[int, int] = MULTI_TARGETS["synthetic"]) -> Sample:
+    """One sample, a pure function of (seed, family, grid_aligned, multi_targets).
 
-    grid_aligned: shape centres (and the letter glyphs on them) sit on HR patch centres (14 k + 7),
-    so each glyph lies inside one 14-px HR patch. False places shapes anywhere (harder to learn).
+    grid_aligned: shape centres (and the letter glyphs on them) sit on HR patch centres (14 k + 7), so each glyph
+    lies inside one 14-px HR patch. False places shapes anywhere (harder to learn). multi_targets: how many shapes
+    (inclusive range) a multi question names; the image then holds at least one more.
     """
     fam = _family_index(family)
-    rng = np.random.default_rng([int(seed), fam, int(grid_aligned)])
+    key = [int(seed), fam, int(grid_aligned)] + (list(multi_targets) if family == "multi" else [])
+    rng = np.random.default_rng(key)
+    kind = FAMILY_KINDS[family][int(rng.integers(len(FAMILY_KINDS[family])))]
+    if family == "multi":  # how many shapes it names first (balanced), then at least one more in the image
+        named = int(rng.integers(multi_targets[0], multi_targets[1] + 1))
+        multi_targets = (named, named)
+    n = int(rng.integers(max(MIN_SHAPES, multi_targets[0] + 1) if family == "multi" else MIN_SHAPES,
+                         MAX_SHAPES + 1))
 
-    if family == "reading":
-        n = int(rng.integers(MIN_READ, MAX_READ + 1))
-        kind = "reading"
-    else:
-        n = int(rng.integers(MIN_SHAPES, MAX_SHAPES + 1))
-        kind = ("letter_of", "colour_of")[int(rng.integers(2))] if family == "attribute" else "spatial"
-
-    # Answer drawn first so answers are uniform over their choices.
+    # Answers drawn first so they are uniform over their choices.
     answer_letter = LETTERS[int(rng.integers(len(LETTERS)))]
     answer_colour = COLOURS[int(rng.integers(len(COLOURS)))]
     answer_side = SPATIAL_ANSWERS[int(rng.integers(2))]
 
     while True:
-        placements = _place_shapes(rng, n, grid_aligned, min_dx=READ_MIN_DX if kind == "reading" else 0)
+        placements = _place_shapes(rng, n, grid_aligned)
         if placements is None:
             continue
         kinds = [p[3] for p in placements]
@@ -366,70 +471,32 @@ def make_sample(seed: int, family: str, grid_aligned: bool = True) -> Sample:
         if colours is None:
             continue
         others = [l for l in LETTERS if l != answer_letter]
-        perm = rng.permutation(len(others))[: n - 1]
-        letters = [others[int(j)] for j in perm]
+        letters = [others[int(j)] for j in rng.permutation(len(others))[: n - 1]]
         letters.insert(target, answer_letter)
-        if kind == "spatial":
-            pairs = [
-                (i, j)
-                for i in range(n)
-                for j in range(n)
-                if i != j and placements[j][0] - placements[i][0] >= SPATIAL_MIN_DX
-                and _shape_box(*_p4(placements[i]))[2] <= _shape_box(*_p4(placements[j]))[0]
-            ]  # i is clearly left of j
-            if not pairs:
-                continue
-            left, right = pairs[int(rng.integers(len(pairs)))]
-            a, b = (left, right) if answer_side == "left" else (right, left)
-            targets = [a, b]
-        elif kind == "reading":
-            targets = sorted(range(n), key=lambda i: placements[i][0])
-        else:
-            targets = [target]
-        break
+        shapes = [_make_shape(p, c, l) for p, c, l in zip(placements, colours, letters)]
+        question = ask(shapes, kind, rng, target=target, answer=answer_side, multi_targets=multi_targets)
+        if question is not None:
+            break
 
-    image, shapes, shape_map = render_scene(rng, placements, colours, letters)
-
-    if kind == "letter_of":
-        t = shapes[targets[0]]
-        question = QUESTION_TEMPLATES[kind].format(colour=t.colour, shape=t.kind)
-        answer = t.letter
-    elif kind == "colour_of":
-        t = shapes[targets[0]]
-        question = QUESTION_TEMPLATES[kind].format(letter=t.letter)
-        answer = t.colour
-    elif kind == "spatial":
-        question = QUESTION_TEMPLATES[kind].format(a=shapes[targets[0]].letter, b=shapes[targets[1]].letter)
-        answer = answer_side
-    else:
-        question = QUESTION_TEMPLATES[kind]
-        answer = " ".join(shapes[i].letter for i in targets)
-
-    return Sample(
-        image=image,
-        question=question,
-        answer=answer,
-        family=family,
-        target_boxes=[shapes[i].box for i in targets],
-        shapes=shapes,
-        seed=int(seed),
-        kind=kind,
-        targets=list(targets),
-        shape_map=shape_map,
-    )
+    image, shape_map = render_scene(rng, shapes)
+    return Sample(image=image, question=question.text, answer=question.answer, family=family, shapes=shapes,
+                  seed=int(seed), kind=kind, token_targets=[list(t) for t in question.targets],
+                  by_letter=list(question.by_letter), shape_map=shape_map)
 
 
-def _p4(p: tuple[int, int, int, str]) -> tuple[str, int, int, int]:
-    cx, cy, r, kind = p
-    return kind, cx, cy, r
-
-
-def make_split(
-    n: int, seed: int, families: tuple[str, ...] | list[str] = FAMILIES, grid_aligned: bool = True
-) -> list[Sample]:
+def make_split(n: int, seed: int, families: tuple[str, ...] | list[str] = FAMILIES, grid_aligned: bool = True,
+               multi_targets: tuple[int, int] = MULTI_TARGETS["synthetic"]) -> list[Sample]:
     """n samples with seeds seed, seed+1, ...; families taken round-robin (balanced)."""
     families = tuple(families)
-    return [make_sample(seed + i, families[i % len(families)], grid_aligned) for i in range(n)]
+    return [make_sample(seed + i, families[i % len(families)], grid_aligned, multi_targets) for i in range(n)]
+
+
+def bench_split(bench: str, n: int, seed: int) -> list[Sample]:
+    """The samples of a named benchmark ("synthetic": every family, 2-3 multi targets; "synthetic-long": multi
+    questions with 4-6 targets, the long-answer set)."""
+    if bench not in BENCHES:
+        raise ValueError(f"unknown synthetic benchmark {bench!r}; choose one of {', '.join(BENCHES)}")
+    return make_split(n, seed, BENCHES[bench], multi_targets=MULTI_TARGETS[bench])
 
 
 # --------------------------------------------------------------------------------------------

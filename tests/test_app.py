@@ -681,7 +681,7 @@ def test_sixteen_concurrent_sessions(tmp_path, examples):
     sessions, max_new = 16, 8
     jobs = []
     for i in range(sessions):
-        s = make_sample(100 + i, ("attribute", "spatial", "reading")[i % 3])
+        s = make_sample(100 + i, ("attribute", "spatial", "multi")[i % 3])
         p = tmp_path / f"load_{i}.png"
         s.image.save(p)
         jobs.append((p, s.question))

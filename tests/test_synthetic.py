@@ -15,13 +15,15 @@ from flexattn.synthetic import (
     HR_GRID,
     HR_SIZE,
     LETTERS,
-    MAX_READ,
-    MIN_READ,
+    MULTI_TARGETS,
     PATCH,
     PROMPT_TEXT,
     SHAPES,
     SPATIAL_ANSWERS,
+    ask,
+    bench_split,
     build_tokenizer,
+    clearly_left,
     glyph_box,
     make_sample,
     make_split,
@@ -54,7 +56,10 @@ def test_deterministic_per_seed():
         assert a.to_dict() == b.to_dict()
         c = make_sample(124, family)
         assert c.image.tobytes() != a.image.tobytes()
-    assert make_sample(7, "attribute").image.tobytes() != make_sample(7, "reading").image.tobytes()
+    assert make_sample(7, "attribute").image.tobytes() != make_sample(7, "multi").image.tobytes()
+    long = make_sample(7, "multi", multi_targets=MULTI_TARGETS["synthetic-long"])
+    assert long.to_dict() == make_sample(7, "multi", multi_targets=MULTI_TARGETS["synthetic-long"]).to_dict()
+    assert long.image.tobytes() != make_sample(7, "multi").image.tobytes()
     free = make_sample(7, "attribute", grid_aligned=False)
     assert free.image.tobytes() == make_sample(7, "attribute", grid_aligned=False).image.tobytes()
 
@@ -65,17 +70,17 @@ def test_sample_format(split):
         assert s.question == s.question.lower() and "  " not in s.question
         assert s.question.split()[-1] in ("?", ".")
         assert len(s.target_boxes) == len(s.targets) >= 1
+        assert len(s.token_targets) == len(s.token_boxes) == len(s.answer.split())  # one target per answer token
         letters = [sh.letter for sh in s.shapes]
         assert len(set(letters)) == len(letters)
         combos = [(sh.colour, sh.kind) for sh in s.shapes]
         assert len(set(combos)) == len(combos)
-        n = len(s.shapes)
-        assert (MIN_READ if s.family == "reading" else 3) <= n <= 8
+        assert 3 <= len(s.shapes) <= 8
 
 
 def test_grid_aligned_letters_sit_in_one_patch():
     for seed in range(30):
-        s = make_sample(seed, FAMILIES[seed % 3])
+        s = make_sample(seed, FAMILIES[seed % len(FAMILIES)])
         for sh in s.shapes:
             x0, y0, x1, y1 = sh.letter_box
             assert sh.letter_box == glyph_box(*sh.centre)  # what training derives from a cached shape's centre
@@ -94,6 +99,7 @@ def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
 def test_target_boxes_match_drawn_shapes(split):
     for s in split[::3]:
         img = np.asarray(s.image)
+        assert s.token_boxes == [[s.shapes[i].box for i in t] for t in s.token_targets]
         for box, idx in zip(s.target_boxes, s.targets):
             sh = s.shapes[idx]
             x0, y0, x1, y1 = box
@@ -130,20 +136,33 @@ def test_answers_balanced(split):
     _assert_balanced(by_kind["letter_of"], LETTERS, 0.75)
     _assert_balanced(by_kind["colour_of"], COLOURS, 0.6)
     _assert_balanced(by_kind["spatial"], SPATIAL_ANSWERS, 0.2)
-    lengths = Counter(len(s.answer.split()) for s in split if s.family == "reading")
-    _assert_balanced(lengths, range(MIN_READ, MAX_READ + 1), 0.5)
-    firsts = Counter(s.answer.split()[0] for s in split if s.family == "reading")
-    assert len(firsts) >= len(LETTERS) - 2
+    lengths = Counter(len(s.answer.split()) for s in split if s.family == "multi")
+    _assert_balanced(lengths, range(MULTI_TARGETS["synthetic"][0], MULTI_TARGETS["synthetic"][1] + 1), 0.25)
+    long = bench_split("synthetic-long", 300, 5_000)
+    lo, hi = MULTI_TARGETS["synthetic-long"]
+    _assert_balanced(Counter(len(s.answer.split()) for s in long), range(lo, hi + 1), 0.3)
+    firsts = Counter(s.answer.split()[0] for s in split if s.family == "multi")
+    assert len(firsts) == len(LETTERS)
 
 
-def test_spatial_answers_are_correct(split):
+def test_spatial_answers_are_correct_and_say_nothing_at_lr(split):
+    """The target is named by its letter (HR only), the reference by colour and shape; the reference always has
+    shapes on both sides, so where it is (what LR shows) does not tell the answer."""
+    by_side = Counter()
     for s in split:
         if s.family != "spatial":
             continue
-        a, b = (s.shapes[i] for i in s.targets)
-        assert s.question == f"is the {a.letter} left or right of the {b.letter} ?"
-        assert s.answer == ("left" if a.centre[0] < b.centre[0] else "right")
-        assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0]  # clear horizontal gap
+        (t, r), = s.token_targets
+        a, ref = s.shapes[t], s.shapes[r]
+        assert s.by_letter == [t]
+        assert s.question == f"is the shape marked {a.letter} left or right of the {ref.colour} {ref.kind} ?"
+        assert s.answer == ("left" if clearly_left(a, ref) else "right")
+        assert clearly_left(a, ref) or clearly_left(ref, a)
+        assert any(clearly_left(o, ref) for o in s.shapes) and any(clearly_left(ref, o) for o in s.shapes)
+        by_side[(ref.centre[0] < HR_SIZE // 2, s.answer)] += 1
+    for half in (True, False):  # a reference in either half of the image has both answers about equally often
+        left, right = by_side[(half, "left")], by_side[(half, "right")]
+        assert abs(left - right) <= 0.35 * (left + right), by_side
 
 
 def test_attribute_answers_are_correct(split):
@@ -153,24 +172,35 @@ def test_attribute_answers_are_correct(split):
         t = s.shapes[s.targets[0]]
         if s.kind == "letter_of":
             assert s.question == f"what letter is on the {t.colour} {t.kind} ?"
-            assert s.answer == t.letter
+            assert s.answer == t.letter and s.by_letter == []
             assert sum((sh.colour, sh.kind) == (t.colour, t.kind) for sh in s.shapes) == 1
         else:
             assert s.question == f"what colour is the shape marked {t.letter} ?"
-            assert s.answer == t.colour
+            assert s.answer == t.colour and s.by_letter == [s.targets[0]]
 
 
-def test_reading_answers_ordered_by_x(split):
+def test_multi_answers_read_each_named_shape_in_order(split):
     for s in split:
-        if s.family != "reading":
+        if s.family != "multi":
             continue
-        letters = s.answer.split()
-        assert MIN_READ <= len(letters) <= MAX_READ
-        assert len(letters) == len(s.shapes) == len(s.targets)
-        xs = [s.shapes[i].centre[0] for i in s.targets]
-        assert all(x1 < x2 for x1, x2 in zip(xs, xs[1:]))
-        assert letters == [s.shapes[i].letter for i in s.targets]
-        assert [b[0] + b[2] for b in s.target_boxes] == sorted(b[0] + b[2] for b in s.target_boxes)
+        named = [s.shapes[t[0]] for t in s.token_targets]
+        phrases = [f"the {sh.colour} {sh.kind}" for sh in named]
+        listed = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+        assert s.question == f"what letters are on {listed} ?"
+        assert s.answer.split() == [sh.letter for sh in named]
+        assert len(set(map(tuple, s.token_targets))) == len(named) < len(s.shapes)  # distinct, plus distractors
+
+
+def test_control_questions_are_answerable_at_lr(split):
+    rng = np.random.default_rng(0)
+    for s in split[:60]:
+        for kind in ("ctl_colour", "ctl_shape", "ctl_spatial"):
+            q = ask(s.shapes, kind, rng)
+            if q is None:
+                continue
+            assert q.by_letter == () and all(letter not in q.text.split() for letter in LETTERS)
+            shape = s.shapes[q.targets[0][0]]
+            assert q.answer == {"ctl_colour": shape.colour, "ctl_shape": shape.kind}.get(kind, q.answer)
 
 
 def test_patch_labels(split):
@@ -237,7 +267,7 @@ def test_letters_legible_at_hr_not_at_lr():
                 lr_templates[(k, py, px)] = _normalise(_lr_downscale(canvas))
     hr_ok = lr_ok = n = 0
     for seed in range(30):
-        s = make_sample(seed, "reading")
+        s = make_sample(seed, "multi")
         gray = np.asarray(s.image, dtype=np.float32).mean(-1)
         low = _lr_downscale(gray)
         for sh in s.shapes:
