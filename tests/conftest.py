@@ -1,12 +1,10 @@
-"""Shared fixtures: tiny random FlexAttention LLaVAs, a word-level tokenizer, checkpoint writers, scripts/ loader."""
+"""Shared fixtures: tiny random FlexAttention LLaVAs, a word-level tokenizer, checkpoint writers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +21,6 @@ from flexattn.pipeline import FlexVLM
 from flexattn.presets import tiny_config, word_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    """scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 WORDS = (
     "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed polite "
