@@ -410,7 +410,7 @@ def load_cache(path: Path) -> dict:
 
 LLM = dict(hidden_size=128, intermediate_size=512, num_layers=8, num_heads=4)
 SELECTION_LAYER = 2  # layers 0-1 read the question; 2 selects for 3; layers 3-7 attend to HR tokens
-LATE_LAYER = 4  # from here on, a question that names a shape by its letter aims at that shape (found in HR by 3)
+LATE_LAYER = 4  # from here on, a question that names a shape by its letter aims at that shape (read in HR by 3)
 POOL_SIZE = LR_GRID  # identity pooling: each LR cell -> one zoom x zoom block of HR tokens
 
 
@@ -509,31 +509,48 @@ def glyph_cells(shapes: list[Shape], grid: int) -> np.ndarray:
     return cells_of([s.letter_box for s in shapes], grid)
 
 
-def row_targets(shapes: list[Shape], q: Question) -> tuple[list, list, list]:
-    """Per answer row (each answer token, then EOS with the last token's): the LR cells its map should find before
-    LATE_LAYER and from it on, and the HR tokens it should read its answer from (None: a control question).
+# Which of a row's targets (row_targets) each layer's LR map is trained towards: layers before selection look at the
+# reference a left/right question names; from the selection layer, a question naming a shape by its letter first
+# selects every shape's glyph, and from LATE_LAYER on every row looks at (and selects) what its answer is about.
+ATTEND = {layer: "before" if layer < SELECTION_LAYER else "find" if layer < LATE_LAYER else "attend"
+          for layer in range(LLM["num_layers"])}
+SELECT = {layer: "find" if layer < LATE_LAYER else "select"
+          for layer in range(SELECTION_LAYER, LLM["num_layers"] - 1)}  # the last layer's mask is never used
 
-    A question that names a shape by its letter cannot find it at LR: early layers select every shape's glyph (the
-    letters are at the shapes' centres), HR attention finds the named letter among them, and late layers select
-    the shapes the answer is about."""
+
+def row_targets(shapes: list[Shape], q: Question) -> tuple[dict[str, list], list]:
+    """Per answer row (each answer token, then EOS with the last token's): named LR cell targets (see ATTEND / SELECT)
+    and the HR tokens it should read its answer from (None: a question the LR view answers).
+
+    before: left/right questions: the reference, so the row holds its position apart from the other shape's;
+    find: a shape named by its letter cannot be found at LR: every shape's glyph (letters sit at the shapes'
+        centres), among which HR attention finds the named letter; otherwise what the answer is about;
+    attend: what the answer is about (left/right: the shape compared, not the reference);
+    select: what the answer is about, every shape of it (the selection recall's target).
+    """
     G = LR_GRID * ZOOM
-    early, late, reads = [], [], []
+    named: dict[str, list] = {"before": [], "find": [], "attend": [], "select": []}
+    reads = []
     for token in q.targets:
         boxes = [shapes[i].box for i in token]
-        late.append(cells_of(boxes, LR_GRID))
-        early.append(glyph_cells(shapes, LR_GRID) if q.by_letter else late[-1])
+        select = cells_of(boxes, LR_GRID)
+        attend = cells_of(boxes[:1], LR_GRID)  # left/right: (compared shape, reference)
+        named["before"].append(cells_of(boxes[1:], LR_GRID) if len(token) > 1 else None)
+        named["find"].append(glyph_cells(shapes, LR_GRID) if q.by_letter else attend)
+        named["attend"].append(attend)
+        named["select"].append(select)
         read = q.by_letter or (token if q.kind in ("letter_of", "multi") else ())
         reads.append(glyph_cells([shapes[i] for i in read], G) if read else None)
-    return [*early, early[-1]], [*late, late[-1]], [*reads, reads[-1]]
+    return {k: [*v, v[-1]] for k, v in named.items()}, [*reads, reads[-1]]
 
 
 def make_batch(tokenizer, items: list[tuple[list[Shape], Question]]):
     from flexattn.training import collate
 
     targets = [row_targets(shapes, q) for shapes, q in items]
-    return collate(tokenizer, [(q.text, q.answer) for _, q in items], LR_GRID,
-                   row_targets=[t[0] for t in targets], row_late_targets=[t[1] for t in targets],
-                   row_reads=[t[2] for t in targets])
+    cells = {name: [t[0][name] for t in targets] for name in targets[0][0]}
+    return collate(tokenizer, [(q.text, q.answer) for _, q in items], LR_GRID, cells=cells,
+                   row_reads=[t[1] for t in targets])
 
 
 def draw_questions(cache: dict, mix: dict[str, float], rng: np.random.Generator, n: int, images=None):
@@ -582,7 +599,7 @@ def train_phases(model, tokenizer, cache, out: Path, phases: list[Phase], *, bat
                  warmup: int, eval_fn=None, eval_every: int = 500, checkpoint_every: int = 250) -> float:
     """Train through `phases` with one warmup + cosine schedule; each step draws its questions and mode from its own
     generator (seed, step), so a run resumed from `<out>/resume.pt` continues exactly as if never stopped."""
-    from flexattn.training import forward_loss
+    from flexattn.training import forward_loss, target_masks
 
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -601,16 +618,14 @@ def train_phases(model, tokenizer, cache, out: Path, phases: list[Phase], *, bat
         idx, items = draw_questions(cache, phase.mix, rng, batch_size)
         batch = make_batch(tokenizer, items)
         mode = list(phase.modes)[int(rng.choice(len(phase.modes), p=np.array(list(phase.modes.values()))))]
-        planted = None
-        if mode == "planted":  # each row sees what its layers should select: early and late targets together
-            cells = batch.target_cells | batch.late_target_cells
-            planted = cells.repeat_interleave(ZOOM, 2).repeat_interleave(ZOOM, 3).flatten(2)
+        # planted: each row sees what its layers should select, early and late targets together
+        planted = target_masks(batch, ZOOM, ("find", "select")) if mode == "planted" else None
         hr = project(model, cache["hr"][idx]) if mode != "lowres" else None
         loss, stats = forward_loss(model, batch, project(model, cache["lr"][idx]), hr, settings,
                                    [(LR_SIZE * ZOOM,) * 2] * len(idx), mode="flex" if planted is not None else mode,
-                                   aux_weight=phase.aux_weight, planted_selection=planted,
+                                   attend=ATTEND, select=SELECT, aux_weight=phase.aux_weight,
                                    select_weight=phase.select_weight, read_weight=phase.read_weight,
-                                   late_layer=LATE_LAYER)
+                                   planted_selection=planted)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

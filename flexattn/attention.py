@@ -86,7 +86,8 @@ class FlexHooks:
     rows: (B, R) query rows that see HR; None means the last row of each pass (inference). Training marks every row
         that predicts an answer token (with teacher forcing each is the "last row" it would be while decoding).
     row_valid: (B, R) bool, False for padding entries of `rows` (batches whose rows differ in number).
-    keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training).
+    keep_lr_maps: keep each selecting layer's (B, R, g, g) LR maps, with grad, in `lr_maps` (training); with
+        `lr_maps_from`, from that layer on instead (layers before selection have maps too: where the row looks).
     keep_hr_maps: keep each HR-attending layer's (B, H, R, G*G) attention probabilities over the HR tokens, with
         grad, in `hr_maps` (training with a batch tensor of HR features, whose tokens are all G*G in order).
     planted_selection: a (G*G,) or per-row (B, R, G*G) bool mask that flex mode selects at every selecting layer
@@ -99,6 +100,7 @@ class FlexHooks:
     rows: torch.Tensor | None = None
     row_valid: torch.Tensor | None = None
     keep_lr_maps: bool = False
+    lr_maps_from: int | None = None
     keep_hr_maps: bool = False
     planted_selection: torch.Tensor | None = None
     shift_selection: tuple[int, int] | None = None
@@ -167,10 +169,16 @@ class FlexState:
             return self.hooks.rows.to(device)
         return torch.full((batch, 1), q_len - 1, dtype=torch.long, device=device)
 
+    @property
+    def maps_from(self) -> int:
+        """The first layer whose LR maps the hooks keep."""
+        first = self.hooks.lr_maps_from
+        return self.settings.selection_layer if first is None else first
+
     def needs_rows(self, layer: int) -> bool:
         from_selection_layer = layer >= self.settings.selection_layer
         selecting = self.mode != "lowres" and from_selection_layer
-        keeping = self.hooks.keep_lr_maps and from_selection_layer
+        keeping = self.hooks.keep_lr_maps and layer >= self.maps_from
         return selecting or keeping or self.recorder is not None or self.avl is not None
 
     def hr_attended(self, num_layers: int) -> list[list[int]]:
@@ -309,7 +317,7 @@ def flex_attention_forward(
 
     if state.recorder is not None:
         state.recorder.record(state, layer, lr_map, hr_probs)
-    if state.hooks.keep_lr_maps and layer >= settings.selection_layer:  # (any mode: lowres training uses them too)
+    if state.hooks.keep_lr_maps and layer >= state.maps_from:  # (any mode: lowres training uses them too)
         state.hooks.lr_maps.append((layer, lr_map))
     if state.mode != "lowres" and layer >= settings.selection_layer:
         with torch.no_grad():

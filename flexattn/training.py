@@ -1,18 +1,17 @@
 """Teacher-forced FlexAttention training on batches, through the same attention function as inference.
 
 At inference only the last row of a pass sees HR tokens; with teacher forcing every row that predicts an answer
-token is such a "last row", so the training forward marks exactly those rows (`FlexState.rows`). Each gets its
+token is such a "last row", so the training forward marks exactly those rows (`FlexHooks.rows`). Each gets its
 own selection from its own LR attention, layer by layer, as it would while decoding. The threshold makes that
-selection non-differentiable, so auxiliary losses stand in for it: `attention_loss` pulls each answering row's
-head-summed LR attention (at the selecting layers) onto the cells of the region the answer needs, and
-`selection_loss` asks the thresholded map itself to cover those cells and nothing else, through a sigmoid in place
-of the threshold. Past selection, `reading_loss` asks each answering row's HR attention to find the HR tokens its
+selection non-differentiable, so auxiliary losses stand in for it, each with its own targets per layer:
+`attention_loss` pulls each answering row's head-summed LR attention onto given cells, and `selection_loss` asks
+the thresholded map itself to cover given cells and nothing else, through a sigmoid in place of the threshold. Past selection, `reading_loss` asks each answering row's HR attention to find the HR tokens its
 answer is on (the glyph of the letter a question names, among every selected glyph).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +31,10 @@ class Batch:
     rows: torch.Tensor  # (B, R) positions that predict answer tokens (padded by repeating the last one)
     row_valid: torch.Tensor  # (B, R) bool, False on padding
     image_start: int
-    target_cells: torch.Tensor | None  # (B, R, g, g) bool: LR cells each row should look at
+    # name -> (B, R, g, g) bool: LR cells for each row, e.g. where it should look in a group of layers; rows without
+    # cells (all False) take no part in a loss on them (forward_loss maps layers to these names)
+    cells: dict[str, torch.Tensor] = field(default_factory=dict)
     read_cells: torch.Tensor | None = None  # (B, R, G*G) bool: HR tokens each row should read its answer from
-    # (B, R, g, g) bool: what each row's LR map should find from `late_layer` on (forward_loss), e.g. only the shape
-    # whose letter the question names, once earlier layers have read the letters of every shape
-    late_target_cells: torch.Tensor | None = None
 
 
 def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
@@ -46,10 +44,10 @@ def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], li
     return before, after, answer_ids
 
 
-def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None, row_late_targets=None) -> Batch:
-    """examples: (question, answer) pairs; row_targets[i][k]: (g, g) bool cells the row predicting answer token k
-    should attend to (or None); the row predicting EOS may be given one too. row_reads[i][k]: likewise, (G, G)
-    bool HR tokens that row should read (or None). row_late_targets: as row_targets, for the late layers."""
+def collate(tokenizer, examples, lr_grid: int, cells: dict[str, list] | None = None, row_reads=None) -> Batch:
+    """examples: (question, answer) pairs. cells[name][i][k]: (g, g) bool cells for the row of example i that predicts
+    answer token k (the row predicting EOS may be given some too), or None. row_reads[i][k]: likewise, (G, G) bool HR
+    tokens that row should read, or None."""
     encoded = [encode_example(tokenizer, q, a) for q, a in examples]
     starts = {len(before) for before, _, _ in encoded}
     if len(starts) != 1:
@@ -79,15 +77,14 @@ def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None,
         valid[i, : len(r)] = True
 
     def per_row_cells(per_example, shape):  # padding rows keep no target, so they add nothing to a loss
-        cells = torch.zeros(len(seqs), width, *shape, dtype=torch.bool)
+        out = torch.zeros(len(seqs), width, *shape, dtype=torch.bool)
         for i, per_row in enumerate(per_example):
             for k, target in enumerate(per_row[: len(rows[i])]):
                 if target is not None:
-                    cells[i, k] = torch.as_tensor(target, dtype=torch.bool).reshape(shape)
-        return cells
+                    out[i, k] = torch.as_tensor(target, dtype=torch.bool).reshape(shape)
+        return out
 
-    cells = per_row_cells(row_targets, (lr_grid, lr_grid)) if row_targets is not None else None
-    late = per_row_cells(row_late_targets, (lr_grid, lr_grid)) if row_late_targets is not None else None
+    named = {name: per_row_cells(per_example, (lr_grid, lr_grid)) for name, per_example in (cells or {}).items()}
     reads = None
     if row_reads is not None:
         sides = {torch.as_tensor(t).shape[-1] for per_row in row_reads for t in per_row if t is not None}
@@ -96,7 +93,7 @@ def collate(tokenizer, examples, lr_grid: int, row_targets=None, row_reads=None,
         if sides:  # else no row reads anything: no read cells
             side = sides.pop()
             reads = per_row_cells(row_reads, (side, side)).flatten(2)
-    return Batch(input_ids, mask, label_t, row_t, valid, image_start, cells, reads, late)
+    return Batch(input_ids, mask, label_t, row_t, valid, image_start, named, reads)
 
 
 def teacher_forced(
@@ -136,44 +133,45 @@ def forward_loss(
     settings: FlexSettings,
     original_sizes,
     mode: str = "flex",
+    *,
+    attend: dict[int, str] | None = None,
+    select: dict[int, str] | None = None,
     aux_weight: float = 0.0,
-    planted_selection: torch.Tensor | None = None,
     select_weight: float = 0.0,
     read_weight: float = 0.0,
-    late_layer: int | None = None,
+    planted_selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on answer tokens + aux_weight x attention loss + select_weight x selection loss
-    + read_weight x reading loss (needs `batch.read_cells`).
-    lr/hr_features: (B, g*g, D) / (B, G*G, D).
+    + read_weight x reading loss (needs `batch.read_cells`). lr/hr_features: (B, g*g, D) / (B, G*G, D).
 
-    planted_selection: (B, R, G*G) masks each row uses instead of its own selection (flex mode), e.g.
-    `target_masks(batch, zoom)`; the LR maps still get the attention loss.
-    late_layer: from this layer on, the attention and selection losses aim the LR maps at
-    `batch.late_target_cells` instead of `batch.target_cells` (each layer's selection drives the next, so early
-    layers can look at every candidate and later ones at the one the HR tokens showed to be right)."""
+    attend / select: layer -> the name of the batch's cells that layer's LR map should put its attention on (attention
+    loss) / cover when thresholded (selection loss). Each layer has its own targets, since each layer's selection
+    drives the next: early layers can look at every candidate, later ones at the one the HR tokens showed to be
+    right; layers before the selection layer can be given targets too (where the row looks before selecting).
+    Each loss is the mean over its layers. planted_selection: (B, R, G*G) masks each row uses instead of its own
+    selection (flex mode), e.g. `target_masks(batch, zoom, names)`; the LR maps still get their losses."""
     device = lr_features.device
+    attend, select = attend or {}, select or {}
+    wanted = [layer for layer in (*attend, *select)]
     logits, state = teacher_forced(model, batch, lr_features, hr_features, settings, original_sizes, mode,
-                                   keep_lr_maps=aux_weight > 0 or select_weight > 0,
+                                   keep_lr_maps=bool(wanted), lr_maps_from=min(wanted) if wanted else None,
                                    keep_hr_maps=read_weight > 0, planted_selection=planted_selection)
     labels = batch.labels.to(device)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
     stats = {"ce": ce.item()}
     loss = ce
-    if late_layer is not None and batch.late_target_cells is None:
-        raise ValueError("late_layer needs the batch's late targets: collate(..., row_late_targets=...)")
-    late = batch.late_target_cells.to(device) if late_layer is not None else None
-    lr_maps, hr_maps = state.hooks.lr_maps, state.hooks.hr_maps
-    if aux_weight > 0 and lr_maps and batch.target_cells is not None:
-        aux = by_layer(attention_loss, lr_maps, batch.target_cells.to(device), late, late_layer)
-        loss = loss + aux_weight * aux
-        stats["aux"] = aux.item()
-    if select_weight > 0 and lr_maps and batch.target_cells is not None:
-        # The last layer's map selects for no later layer, so only the maps whose masks are used take part.
-        last = model.config.get_text_config().num_hidden_layers - 1
-        used = [(layer, m) for layer, m in lr_maps if layer < last]
-        sel = by_layer(selection_loss, used, batch.target_cells.to(device), late, late_layer, settings.threshold)
-        loss = loss + select_weight * sel
-        stats["sel"] = sel.item()
+    maps = dict(state.hooks.lr_maps)
+    for name, weight, targets, loss_fn, extra in (
+        ("aux", aux_weight, attend, attention_loss, ()),
+        ("sel", select_weight, select, selection_loss, (settings.threshold,)),
+    ):
+        per_layer = [loss_fn([(layer, maps[layer])], batch.cells[cells].to(device), *extra)
+                     for layer, cells in targets.items() if layer in maps and batch.cells[cells].any()]
+        if weight > 0 and per_layer:
+            term = torch.stack(per_layer).mean()
+            loss = loss + weight * term
+            stats[name] = term.item()
+    hr_maps = state.hooks.hr_maps
     if read_weight > 0 and hr_maps and batch.read_cells is not None:
         read = reading_loss(hr_maps, batch.read_cells.to(device))
         loss = loss + read_weight * read
@@ -181,21 +179,11 @@ def forward_loss(
     return loss, stats
 
 
-def by_layer(loss_fn, lr_maps, targets: torch.Tensor, late_targets: torch.Tensor | None, late_layer: int | None,
-             *args) -> torch.Tensor:
-    """loss_fn(maps, targets) with the maps of layers >= late_layer scored against late_targets instead: the mean of
-    the two groups' losses weighted by their numbers of layers (so without late targets it is loss_fn itself)."""
-    if late_targets is None or late_layer is None:
-        return loss_fn(lr_maps, targets, *args)
-    groups = [(g, t) for g, t in (([m for m in lr_maps if m[0] < late_layer], targets),
-                                  ([m for m in lr_maps if m[0] >= late_layer], late_targets)) if g]
-    return sum(len(g) * loss_fn(g, t, *args) for g, t in groups) / sum(len(g) for g, _ in groups)
-
-
-def target_masks(batch: Batch, zoom: int) -> torch.Tensor:
-    """(B, R, G*G): each row's target LR cells as the HR mask a perfect selection (identity pooling) would give."""
-    cells = batch.target_cells.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
-    return cells.flatten(2)
+def target_masks(batch: Batch, zoom: int, names) -> torch.Tensor:
+    """(B, R, G*G): the union of each row's cells under `names`, as the HR mask a perfect selection (identity
+    pooling) would give."""
+    cells = torch.stack([batch.cells[name] for name in names]).any(0)
+    return cells.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3).flatten(2)
 
 
 def attention_loss(lr_maps, target_cells: torch.Tensor) -> torch.Tensor:

@@ -19,32 +19,40 @@ def _question(kind: str, seed: int = 3):
     raise AssertionError(f"no {kind} question for seed {seed}")
 
 
-def test_rows_named_by_colour_select_their_shape_in_every_layer():
-    for kind in ("letter_of", "multi", "ctl_spatial"):
+def test_rows_named_by_colour_look_at_their_shape_in_every_layer():
+    for kind in ("letter_of", "multi"):
         shapes, q = _question(kind)
-        early, late, reads = train.row_targets(shapes, q)
-        assert len(early) == len(late) == len(reads) == len(q.targets) + 1  # answer tokens, then EOS
+        cells, reads = train.row_targets(shapes, q)
+        assert all(len(v) == len(q.targets) + 1 for v in (*cells.values(), reads))  # answer tokens, then EOS
         for k, token in enumerate(q.targets):
             box = train.cells_of([shapes[i].box for i in token], train.LR_GRID)
-            assert (early[k] == box).all() and (late[k] == box).all()
-            if kind == "ctl_spatial":
-                assert reads[k] is None  # LR answers it: nothing to read in HR
-            else:  # the glyph of the shape this token names, and nothing else
-                glyph = train.glyph_cells([shapes[token[0]]], train.LR_GRID * train.ZOOM)
-                assert (reads[k] == glyph).all() and reads[k].sum() == 1
-        assert (late[-1] == late[-2]).all()  # the EOS row keeps the last token's target
+            assert cells["before"][k] is None
+            assert all((cells[name][k] == box).all() for name in ("find", "attend", "select"))
+            glyph = train.glyph_cells([shapes[token[0]]], train.LR_GRID * train.ZOOM)
+            assert (reads[k] == glyph).all() and reads[k].sum() == 1  # the glyph of this token's shape, only
+        assert (cells["select"][-1] == cells["select"][-2]).all()  # the EOS row keeps the last token's target
+
+
+def test_left_right_rows_hold_the_reference_apart_and_select_both_shapes():
+    for kind in ("spatial", "ctl_spatial"):
+        shapes, q = _question(kind)
+        cells, reads = train.row_targets(shapes, q)
+        compared, reference = (shapes[i].box for i in q.targets[0])
+        assert (cells["before"][0] == train.cells_of([reference], train.LR_GRID)).all()  # before selection
+        assert (cells["attend"][0] == train.cells_of([compared], train.LR_GRID)).all()
+        assert (cells["select"][0] == train.cells_of([compared, reference], train.LR_GRID)).all()
+        if kind == "ctl_spatial":
+            assert reads[0] is None and (cells["find"][0] == cells["attend"][0]).all()  # LR answers it
 
 
 def test_rows_named_by_letter_find_every_glyph_first_then_their_shapes():
     for kind in ("colour_of", "spatial"):
         shapes, q = _question(kind)
-        early, late, reads = train.row_targets(shapes, q)
-        every_glyph = train.glyph_cells(shapes, train.LR_GRID)
+        cells, reads = train.row_targets(shapes, q)
         named = q.by_letter[0]
-        assert (early[0] == every_glyph).all() and every_glyph.sum() <= len(shapes)
-        assert (late[0] == train.cells_of([shapes[i].box for i in q.targets[0]], train.LR_GRID)).all()
-        if kind == "spatial":  # the answer is about the named shape and the reference
-            assert len(q.targets[0]) == 2 and late[0].sum() > train.cells_of([shapes[named].box], train.LR_GRID).sum()
+        every_glyph = train.glyph_cells(shapes, train.LR_GRID)
+        assert (cells["find"][0] == every_glyph).all() and every_glyph.sum() <= len(shapes)
+        assert (cells["attend"][0] == train.cells_of([shapes[named].box], train.LR_GRID)).all()
         assert (reads[0] == train.glyph_cells([shapes[named]], train.LR_GRID * train.ZOOM)).all()
 
 

@@ -7,7 +7,7 @@ import torch
 from flexattn.attention import select_hr_tokens
 from flexattn.image import box_cells
 from flexattn.training import (
-    attention_loss, by_layer, collate, forward_loss, reading_loss, selection_loss, target_masks,
+    attention_loss, collate, forward_loss, reading_loss, selection_loss, target_masks,
     teacher_forced,
 )
 
@@ -44,25 +44,31 @@ def test_teacher_forced_rows_reproduce_cached_decoding():
     assert torch.isfinite(loss) and stats["ce"] > 0
 
 
-def test_late_layers_are_scored_against_their_own_targets():
-    every = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    every[0, 0, 0, 0] = every[0, 0, 3, 3] = True  # two candidate shapes
-    named = torch.zeros_like(every)
-    named[0, 0, 3, 3] = True  # the one the question names
-    spread, narrowed = every.float() + 1e-6, named.float() + 1e-6  # attention on both / on the named one
+def test_each_layer_is_scored_against_its_own_targets():
+    """forward_loss maps layers to named cells: layers before selection, early and late selecting layers each get
+    their own; a layer with attention elsewhere costs, a layer without targets costs nothing."""
+    vlm = make_vlm(seed=12, num_layers=4, selection_layer=1, lowres_size=56, threshold=60)
+    prepared = vlm.prepare(random_image(70, 70, seed=7))
+    g = prepared.lr_grid
+    batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red")], g,
+                    cells={"a": [[box_cells_t((0, 0, 30, 30), (70, 70), g)] * 2],
+                           "b": [[box_cells_t((40, 40, 70, 70), (70, 70), g)] * 2], "none": [[None, None]]})
+    assert not batch.cells["none"].any() and batch.cells["a"][0, 0].any() and batch.cells["b"][0, 1].any()
+    lr, hr, sizes = prepared.lr_features[None], prepared.hr_features[None], [(70, 70)]
+    with torch.no_grad():
+        _, state = teacher_forced(vlm.model, batch, lr, hr, vlm.settings, sizes, keep_lr_maps=True, lr_maps_from=0)
+        maps = dict(state.hooks.lr_maps)
+        assert sorted(maps) == [0, 1, 2, 3]  # maps from layer 0 on, before the selection layer too
 
-    def loss(early_map, late_map, late):
-        maps = [(2, early_map), (4, late_map)]
-        return float(by_layer(attention_loss, maps, every, late, 4 if late is not None else None))
+        def aux(attend):
+            return forward_loss(vlm.model, batch, lr, hr, vlm.settings, sizes, attend=attend, aux_weight=1.0)[1]
 
-    assert loss(spread, narrowed, named) < 1e-4  # early layers look at every candidate, late ones at the named
-    assert abs(loss(spread, spread, named) - 0.5 * -torch.log(torch.tensor(0.5))) < 1e-3  # late layer not narrowed
-    elsewhere = torch.full((1, 1, 4, 4), 1e-6)
-    elsewhere[0, 0, 1, 2] = 1.0
-    assert loss(spread, elsewhere, named) > 5 and loss(elsewhere, narrowed, named) > 5  # each layer keeps its target
-    assert loss(spread, spread, None) < 1e-4  # without late targets: every layer against `every`, as before
-    plain = attention_loss([(2, spread)], every)
-    assert float(by_layer(attention_loss, [(2, spread)], every, None, None)) == float(plain)
+        one = {layer: attention_loss([(layer, maps[layer])], batch.cells[name])
+               for layer, name in ((0, "a"), (2, "b"), (3, "a"))}
+        got = aux({0: "a", 2: "b", 3: "a"})["aux"]
+        assert got == pytest.approx(float(sum(one.values()) / 3), rel=1e-5)  # the mean of each layer's own loss
+        assert aux({0: "a", 2: "none"})["aux"] == pytest.approx(float(one[0]), rel=1e-5)  # no targets: no term
+        assert "aux" not in aux({2: "none"})
 
 
 def test_attention_loss_prefers_attention_on_target():
@@ -123,7 +129,7 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     g = prepared[0].lr_grid
     glyph = box_cells_t((10, 10, 20, 20), (70, 70), g * vlm.settings.zoom)
     batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
-                    row_targets=[[box_cells_t((0, 0, 30, 30), (70, 70), g)] * 2] * 2, row_reads=[[glyph] * 2] * 2)
+                    cells={"target": [[box_cells_t((0, 0, 30, 30), (70, 70), g)] * 2] * 2}, row_reads=[[glyph] * 2] * 2)
     assert batch.read_cells.shape == (2, batch.rows.shape[1], glyph.numel()) and batch.read_cells[1, 1].any()
     lr = torch.stack([p.lr_features for p in prepared]).detach()
     hr = torch.stack([p.hr_features for p in prepared]).detach()
@@ -132,7 +138,8 @@ def test_training_step_reduces_loss_and_trains_hr_projections():
     before = model.model.language_model.layers[3].self_attn.k_proj_hd.weight.detach().clone()
     losses = []
     for _ in range(8):
-        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, aux_weight=0.5, select_weight=0.5,
+        loss, stats = forward_loss(model, batch, lr, hr, vlm.settings, sizes, attend={1: "target", 2: "target"},
+                                   select={1: "target", 2: "target"}, aux_weight=0.5, select_weight=0.5,
                                    read_weight=0.5)
         opt.zero_grad()
         loss.backward()
@@ -151,8 +158,8 @@ def test_planted_target_masks_bound_what_rows_read():
     g, zoom = prepared[0].lr_grid, vlm.settings.zoom
     target = box_cells_t((0, 0, 30, 30), (70, 70), g)
     batch = collate(vlm.tokenizer, [(QUESTIONS[0], "red"), (QUESTIONS[1], "blue green")], g,
-                    row_targets=[[target] * 2, [target] * 3])
-    masks = target_masks(batch, zoom)
+                    cells={"target": [[target] * 2, [target] * 3]})
+    masks = target_masks(batch, zoom, ["target"])
     G = g * zoom
     assert masks.shape == (2, batch.rows.shape[1], G * G)
     hr_target = masks[0, 0].reshape(G, G)
