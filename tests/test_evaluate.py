@@ -1,4 +1,4 @@
-"""The eval runner's JSON has the issue's fields with sane values; V* Bench is read in its published layout."""
+"""The eval runner's JSON has its fields with sane values; V* Bench is scored with selection against its boxes."""
 
 import json
 
@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from flexattn.evaluate import evaluate_synthetic, evaluate_vstar, format_table, load_vstar
-from flexattn.image import ImageProcessor, boxes_cells
+from flexattn.benchmarks import load_benchmark
+from flexattn.evaluate import evaluate_synthetic, format_table, last_attended_mask, mask_recall
+from flexattn.evaluate_benchmarks import SHORT_ANSWER, run_benchmark
+from flexattn.image import ImageProcessor, boxes_cells, load_image
 from flexattn.loading import LoadedModel
 from flexattn.pipeline import FlexVLM
 from flexattn.synthetic import build_tokenizer
 
-from .conftest import make_model, random_image
+from .bench_fixtures import write_vstar
+from .conftest import make_model
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +87,30 @@ def test_hr_cells_follow_square_padding():
     assert boxes_cells([(10, 10, 30, 20)], (336, 336), 24).sum() == 2 * 3
 
 
-def test_vstar_layout_and_option_scoring(synthetic_vlm, tmp_path):
-    subset = tmp_path / "direct_attributes"
-    subset.mkdir()
-    for i in range(2):
-        random_image(200, 150, seed=i).save(subset / f"sa_{i}.jpg")
-        (subset / f"sa_{i}.json").write_text(json.dumps(
-            {"question": "what is the colour of the shape ?", "options": ["red", "blue"], "target_object": ["x"]}))
-    items = load_vstar(tmp_path, subsets=("direct_attributes",))
-    assert [it["id"] for it in items] == ["sa_0", "sa_1"]
-    with pytest.raises(FileNotFoundError):
-        load_vstar(tmp_path / "missing")
-    result = evaluate_vstar(synthetic_vlm, tmp_path, modes=("lowres", "flex"), progress=False)
-    for block in result["modes"].values():
-        assert block["accuracy"] in (0.0, 0.5, 1.0)
+def test_vstar_option_scoring_and_selection_against_target_boxes(synthetic_vlm, tmp_path):
+    items = load_benchmark("vstar", write_vstar(tmp_path))
+    summary, rows = run_benchmark(synthetic_vlm, "vstar", items, modes=("lowres", "flex", "select_all"),
+                                  progress=False)
+    json.dumps(summary)
+    assert summary["n"] == 4 and set(summary["modes"]) == {"lowres", "flex", "select_all"}
+    for block in summary["modes"].values():
+        assert block["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and block["tflops"] > 0
+        assert set(block["subsets"]) == {"direct_attributes", "relative_position"}
+    assert summary["modes"]["lowres"]["selection_recall"] is None and summary["modes"]["lowres"]["hr_share"] == 0
+    assert summary["modes"]["select_all"]["selection_recall"] == 1.0 and summary["modes"]["select_all"]["hr_share"] == 1
+    flex = summary["modes"]["flex"]
+    assert 0 < flex["hr_share"] < 1 and 0 <= flex["selection_recall"] <= 1
+    for item, row in zip(items, rows):
+        result = row["runs"]["flex"]
+        assert result["correct"] == float(result["chosen"] == 0) and len(result["losses"]) == 4
+        # recall: the first answer token's last-layer mask against the item's own boxes (both for two targets)
+        image = load_image(item.image_source())
+        first = synthetic_vlm.answer(image, item.question + SHORT_ANSWER, mode="flex", max_new_tokens=1)
+        mask = last_attended_mask(first.trace, 0)
+        assert result["recall"] == mask_recall(mask, item.boxes, image.size)
+        whole = mask_recall(mask, [(0, 0, *image.size)], image.size)  # every cell of the image
+        assert whole == pytest.approx(mask[boxes_cells([(0, 0, *image.size)], image.size, len(mask))].mean())
+    assert flex["selection_recall"] == pytest.approx(np.mean([r["runs"]["flex"]["recall"] for r in rows]))
 
 
 def test_eval_cli_prints_one_json_object(synthetic_vlm, tmp_path):
