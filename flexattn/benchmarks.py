@@ -227,7 +227,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo_id, repo_type="dataset"))
     except Exception as err:  # offline, unknown repository: one line for the user
-        raise DataError(f"could not fetch the dataset {repo_id} from the hub ({type(err).__name__})") from None
+        raise DataError(f"could not fetch the dataset {repo_id} from the hub ({type(err).__name__}); download it "
+                        "and give its directory") from None
 
 
 def _read_json(path: Path):

@@ -40,7 +40,8 @@ def write_report(path: str | Path, result: dict, worst: list[WorstItem], mode: s
     if worst:
         body.append(f"<h2>Worst items in {html.escape(mode)}: lowest selection recall, then wrong answers</h2>"
                     "<p>Left: the LR attention (summed over heads) of the layer that chose the HR tokens the last "
-                    "layer attended for the answer's first token; right: those HR tokens. Boxes: the targets.</p>")
+                    "layer attended for the answer's first token; right: those HR tokens. Boxes: the targets that token's "
+                    "selection recall is measured against.</p>")
         for item, part in zip(worst, parts[1:]):
             body.append(f"<section>{_caption(item)}{part}</section>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -69,11 +70,12 @@ def summary_table(result: dict) -> str:
             tflops = b.get("tflops")
             rows.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells)
                         + f"<td>{'-' if tflops is None else f'{tflops:.3g}'}</td></tr>")
-        for key, label in EXTRAS:
-            if block.get(key) is not None:
-                rows.append(f"<tr><td>{html.escape(mode)}</td><td colspan='{len(METRICS) + 2}'>{label}</td>"
-                            f"<td>{_fmt(block[key])}</td><td></td></tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    extras = [f"<tr><td>{html.escape(mode)}</td><td>{label}</td><td>{_fmt(block[key])}</td></tr>"
+              for mode, block in result["modes"].items() for key, label in EXTRAS if block.get(key) is not None]
+    table = f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    if extras:
+        table += f"<p></p><table><tr><th>mode</th><th>measure</th><th>value</th></tr>{''.join(extras)}</table>"
+    return table
 
 
 def summary_chart(result: dict) -> go.Figure:

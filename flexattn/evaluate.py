@@ -239,12 +239,14 @@ def format_table(result: dict) -> str:
             lines.append(f"{mode:<11}{family:<{w}}{fmt(b.get('accuracy'), '9.3f')}{fmt(b.get('hr_share'), '10.3f')}"
                          f"{fmt(b.get('selection_recall'), '8.3f')}{fmt(b.get('tflops'), '11.2e')}")
         if "shifted_mask_accuracy" in block:
-            lines.append(f"{mode:<11}{'shifted':<{w}}{block['shifted_mask_accuracy']:9.3f}   (every mask rolled by G/3)")
+            lines.append(f"{mode:<11}{'shifted':<{w}}{block['shifted_mask_accuracy']:9.3f}   "
+                         "(every mask rolled by G/3)")
         if block.get("freeform_match") is not None:
             lines.append(f"{mode:<11}{'free-form':<{w}}{block['freeform_match']:9.3f}   (correct option's text in the "
                          "answer; the paper asks GPT-4)")
         if "kv_ratio" in block:
             lines.append(f"{mode:<11}{'A-VL':<{w}}{block['avl_accuracy']:9.3f}   kv_ratio {block['kv_ratio']:.3f}  "
-                         f"token_agreement {block['token_agreement']:.3f}  accuracy_drop {block['accuracy_drop']:+.3f}  "
+                         f"token_agreement {block['token_agreement']:.3f}  "
+                         f"accuracy_drop {block['accuracy_drop']:+.3f}  "
                          f"visual_attention_ratio {block['visual_attention_ratio']:.3f}")
     return "\n".join(lines)

@@ -57,9 +57,13 @@ def test_magnifierbench_authors_copy_and_saved_dataset_agree(tmp_path):
         assert load_image(items[0].image_source()).size == (180, 120)
 
 
-def test_unreadable_benchmarks_give_one_line_errors(tmp_path):
+def test_unreadable_benchmarks_give_one_line_errors(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without the hub
     (tmp_path / "empty").mkdir()
     cases = [("vstar", tmp_path / "empty", "no V\\* Bench annotations"),
+             ("vstar", "nobody/no-such-bench", "could not fetch the dataset nobody/no-such-bench"),
              ("textvqa", tmp_path / "empty", "neither TextVQA_0.5.1_val.json nor a dataset"),
              ("magnifierbench", tmp_path / "missing", "could not open")]
     for bench, source, message in cases:

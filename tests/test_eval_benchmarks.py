@@ -2,20 +2,20 @@
 layout, a resumed --out file, two processes over gloo, and the HTML report."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from flexattn import cli
 from flexattn.benchmarks import load_benchmark
-from flexattn.evaluate import evaluate_synthetic
-from flexattn.evaluate_benchmarks import run_benchmark
-from flexattn.image import ImageProcessor
+from flexattn.evaluate import evaluate_synthetic, last_attended_mask, mask_recall
+from flexattn.evaluate_benchmarks import SHORT_ANSWER, run_benchmark
+from flexattn.image import ImageProcessor, boxes_cells, load_image
 from flexattn.loading import LoadedModel
 from flexattn.pipeline import FlexVLM
 from flexattn.scoring import MULTIPLE_CHOICE_SUFFIX
@@ -58,6 +58,32 @@ class ScriptedVLM:
         return SimpleNamespace(text=self.reply(question, mode), stats=stats, trace=None)
 
 
+def test_vstar_option_scoring_and_selection_against_target_boxes(vlm, tmp_path):
+    items = load_benchmark("vstar", write_vstar(tmp_path))
+    summary, rows = run_benchmark(vlm, "vstar", items, modes=("lowres", "flex", "select_all"),
+                                  progress=False)
+    json.dumps(summary)
+    assert summary["n"] == 4 and set(summary["modes"]) == {"lowres", "flex", "select_all"}
+    for block in summary["modes"].values():
+        assert block["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and block["tflops"] > 0
+        assert set(block["subsets"]) == {"direct_attributes", "relative_position"}
+    assert summary["modes"]["lowres"]["selection_recall"] is None and summary["modes"]["lowres"]["hr_share"] == 0
+    assert summary["modes"]["select_all"]["selection_recall"] == 1.0 and summary["modes"]["select_all"]["hr_share"] == 1
+    flex = summary["modes"]["flex"]
+    assert 0 < flex["hr_share"] < 1 and 0 <= flex["selection_recall"] <= 1
+    for item, row in zip(items, rows):
+        result = row["runs"]["flex"]
+        assert result["correct"] == float(result["chosen"] == 0) and len(result["losses"]) == 4
+        # recall: the first answer token's last-layer mask against the item's own boxes (both for two targets)
+        image = load_image(item.image_source())
+        first = vlm.answer(image, item.question + SHORT_ANSWER, mode="flex", max_new_tokens=1)
+        mask = last_attended_mask(first.trace, 0)
+        assert result["recall"] == mask_recall(mask, item.boxes, image.size)
+        whole = mask_recall(mask, [(0, 0, *image.size)], image.size)  # every cell of the image
+        assert whole == pytest.approx(mask[boxes_cells([(0, 0, *image.size)], image.size, len(mask))].mean())
+    assert flex["selection_recall"] == pytest.approx(np.mean([r["runs"]["flex"]["recall"] for r in rows]))
+
+
 def test_textvqa_accuracy_per_mode_on_hand_computed_answers(tmp_path):
     items = load_benchmark("textvqa", write_textvqa(tmp_path))
     replies = {"lowres": ["sign", "two", "pepsi"], "flex": ["Stop.", "5", "coke"]}
@@ -98,11 +124,10 @@ def test_cli_runs_each_benchmark_layout(checkpoint, tmp_path, capsys, monkeypatc
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
-    common = ("--model", str(checkpoint), "--modes", "lowres,flex", "--max-new-tokens", "2", "--json")
+    common = ("--model", str(checkpoint), "--modes", "flex", "--max-new-tokens", "2", "--json")
     textvqa = run_cli(capsys, "eval", "--bench", "textvqa", "--data-dir", str(write_textvqa(tmp_path / "tv")), *common)
     assert textvqa["bench"] == "textvqa" and textvqa["n"] == 3
-    for block in textvqa["modes"].values():
-        assert 0 <= block["accuracy"] <= 1 and block["tflops"] > 0
+    assert 0 <= textvqa["modes"]["flex"]["accuracy"] <= 1 and textvqa["modes"]["flex"]["tflops"] > 0
     magnifier = run_cli(capsys, "eval", "--bench", "magnifierbench", "--data-dir",
                         str(write_magnifier_dataset(tmp_path / "mb")), *common)
     assert magnifier["n"] == 2 and 0 <= magnifier["modes"]["flex"]["freeform_match"] <= 1
@@ -115,14 +140,14 @@ def test_cli_runs_each_benchmark_layout(checkpoint, tmp_path, capsys, monkeypatc
 
 
 def test_interrupted_out_file_resumes_to_the_uninterrupted_result(vlm, tmp_path, monkeypatch):
-    options = dict(bench="synthetic", n=4, modes=("lowres", "flex"), shifted=False, max_new_tokens=2, progress=False)
+    options = dict(bench="synthetic", n=4, modes=("flex",), shifted=False, max_new_tokens=2, progress=False)
     whole = evaluate_synthetic(vlm, **options)
     out = tmp_path / "results.jsonl"
     answer, calls = vlm.answer, []
 
-    def interrupted(*args, **kwargs):  # the 6th answer never comes: samples 0 and 1 (2 modes each) are done
+    def interrupted(*args, **kwargs):  # the 3rd answer never comes: samples 0 and 1 are done
         calls.append(1)
-        if len(calls) > 5:
+        if len(calls) > 2:
             raise KeyboardInterrupt
         return answer(*args, **kwargs)
 
@@ -136,25 +161,23 @@ def test_interrupted_out_file_resumes_to_the_uninterrupted_result(vlm, tmp_path,
     calls.clear()
     monkeypatch.setattr(vlm, "answer", lambda *a, **k: (calls.append(1), answer(*a, **k))[1])
     assert evaluate_synthetic(vlm, out=out, **options) == whole
-    assert len(calls) == 4  # only samples 2 and 3 were answered again
+    assert len(calls) == 2  # only samples 2 and 3 were answered again
     assert len(out.read_text().splitlines()) == 5
     with pytest.raises(ValueError, match="another run"):
-        evaluate_synthetic(vlm, out=out, **{**options, "modes": ("flex",)})
+        evaluate_synthetic(vlm, out=out, **{**options, "max_new_tokens": 3})
 
 
-def test_two_processes_print_what_one_prints(checkpoint, tmp_path):
+def test_two_processes_print_what_one_prints(checkpoint, tmp_path, capsys):
     """torchrun, two processes over gloo on the CPU: the same stdout as one process, byte for byte."""
     args = ["eval", "--model", str(checkpoint), "--bench", "synthetic", "-n", "6", "--modes", "lowres,flex",
             "--max-new-tokens", "3", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process; one process gets the same
-    one = subprocess.run([sys.executable, "-m", "flexattn", *args], capture_output=True, text=True, env=env,
-                         timeout=300)
+    assert cli.main(args) == 0
+    one = capsys.readouterr()
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flexattn",
-                          *args, "--out", str(tmp_path / "two.jsonl")], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert "(2 processes)" in two.stderr and "processes)" not in one.stderr
-    assert two.stdout == one.stdout and json.loads(one.stdout)["n"] == 6
+                          *args, "--out", str(tmp_path / "two.jsonl")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "(2 processes)" in two.stderr and "processes)" not in one.err
+    assert two.stdout == one.out and json.loads(one.out)["n"] == 6
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 1 + 6  # the main process wrote every sample
 
 

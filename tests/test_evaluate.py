@@ -1,4 +1,4 @@
-"""The eval runner's JSON has its fields with sane values; V* Bench is scored with selection against its boxes."""
+"""The eval runner's JSON has its fields with sane values (the papers' benchmarks: test_eval_benchmarks.py)."""
 
 import json
 
@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from flexattn.benchmarks import load_benchmark
-from flexattn.evaluate import evaluate_synthetic, format_table, last_attended_mask, mask_recall
-from flexattn.evaluate_benchmarks import SHORT_ANSWER, run_benchmark
-from flexattn.image import ImageProcessor, boxes_cells, load_image
+from flexattn.evaluate import evaluate_synthetic, format_table
+from flexattn.image import ImageProcessor, boxes_cells
 from flexattn.loading import LoadedModel
 from flexattn.pipeline import FlexVLM
 from flexattn.synthetic import build_tokenizer
 
-from .bench_fixtures import write_vstar
 from .conftest import make_model
 
 
@@ -85,32 +82,6 @@ def test_hr_cells_follow_square_padding():
     cells = boxes_cells([(0, 0, 14, 14)], (336, 168), 24)
     assert cells.sum() == 1 and cells[6, 0]
     assert boxes_cells([(10, 10, 30, 20)], (336, 336), 24).sum() == 2 * 3
-
-
-def test_vstar_option_scoring_and_selection_against_target_boxes(synthetic_vlm, tmp_path):
-    items = load_benchmark("vstar", write_vstar(tmp_path))
-    summary, rows = run_benchmark(synthetic_vlm, "vstar", items, modes=("lowres", "flex", "select_all"),
-                                  progress=False)
-    json.dumps(summary)
-    assert summary["n"] == 4 and set(summary["modes"]) == {"lowres", "flex", "select_all"}
-    for block in summary["modes"].values():
-        assert block["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and block["tflops"] > 0
-        assert set(block["subsets"]) == {"direct_attributes", "relative_position"}
-    assert summary["modes"]["lowres"]["selection_recall"] is None and summary["modes"]["lowres"]["hr_share"] == 0
-    assert summary["modes"]["select_all"]["selection_recall"] == 1.0 and summary["modes"]["select_all"]["hr_share"] == 1
-    flex = summary["modes"]["flex"]
-    assert 0 < flex["hr_share"] < 1 and 0 <= flex["selection_recall"] <= 1
-    for item, row in zip(items, rows):
-        result = row["runs"]["flex"]
-        assert result["correct"] == float(result["chosen"] == 0) and len(result["losses"]) == 4
-        # recall: the first answer token's last-layer mask against the item's own boxes (both for two targets)
-        image = load_image(item.image_source())
-        first = synthetic_vlm.answer(image, item.question + SHORT_ANSWER, mode="flex", max_new_tokens=1)
-        mask = last_attended_mask(first.trace, 0)
-        assert result["recall"] == mask_recall(mask, item.boxes, image.size)
-        whole = mask_recall(mask, [(0, 0, *image.size)], image.size)  # every cell of the image
-        assert whole == pytest.approx(mask[boxes_cells([(0, 0, *image.size)], image.size, len(mask))].mean())
-    assert flex["selection_recall"] == pytest.approx(np.mean([r["runs"]["flex"]["recall"] for r in rows]))
 
 
 def test_eval_cli_prints_one_json_object(synthetic_vlm, tmp_path):
