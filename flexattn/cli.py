@@ -82,10 +82,10 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--bench {args.bench} needs --data-dir DIR (or a hub dataset id)")
     if args.report_items < 0:
         raise ValueError(f"--report-items must be 0 or more, got {args.report_items}")
-    items = load_benchmark(args.bench, args.data_dir, args.split, args.limit) if real else None  # before the model
     # Under torchrun / accelerate launch: one process per device, each with its share of the items.
     processes = Processes.launched(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:
+        items = load_benchmark(args.bench, args.data_dir, args.split, args.limit) if real else None  # before the model
         device = str(processes.device) if processes.count > 1 and args.device is None else args.device
         vlm = load_model(args, device)
         if args.threshold is not None or args.pool_size is not None:  # every mode and bench reads the model's settings
@@ -114,6 +114,10 @@ def cmd_eval(args) -> int:
             print(f"report: {eval_report.write_report(args.report, result, worst)}", file=sys.stderr)
         print(json.dumps(result) if args.json else evaluate.format_table(result))
         return 0
+    except KeyboardInterrupt:
+        if args.out and processes.is_main:
+            print(f"interrupted: {args.out} keeps the items done; the same command resumes from there", file=sys.stderr)
+        return 130
     finally:
         processes.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,17 @@ class Processes:
             return cls()
         from accelerate import PartialState
 
-        return cls(PartialState(cpu=cpu))
+        processes = cls(PartialState(cpu=cpu))
+        if not processes.is_main:  # progress shows on the main process only, the libraries' own bars too
+            from huggingface_hub.utils import disable_progress_bars
+            from transformers.utils import logging
+
+            logging.disable_progress_bar()
+            disable_progress_bars()
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported
+            if "datasets" in sys.modules:
+                sys.modules["datasets"].disable_progress_bars()
+        return processes
 
     @property
     def count(self) -> int:

@@ -227,7 +227,8 @@ def format_table(result: dict) -> str:
              f"pool={flex.get('pool_size')}"]
     groups = [k for block in result["modes"].values() for k in (*block.get("families", {}), *block.get("subsets", {}))]
     w = max([11, *(len(k) + 2 for k in groups)])
-    lines.append(f"{'mode':<11}{'family':<{w}}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}")
+    group = "subset" if any("subsets" in block for block in result["modes"].values()) else "family"
+    lines.append(f"{'mode':<11}{group:<{w}}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}")
 
     def fmt(value, spec):
         width = int(spec.split(".")[0])
