@@ -147,8 +147,8 @@ def run_items(keys: list[str], compute: Callable[[int], dict], processes: Proces
     if results is not None and processes.is_main:  # only the main process reads the file
         try:
             done = results.load()
-        except ValueError as err:
-            problem = str(err)
+        except (ValueError, OSError) as err:
+            problem = f"cannot use {results.path}: {err}" if isinstance(err, OSError) else str(err)
     problem, done_keys = processes.broadcast((problem, list(done)))
     if problem:  # on every process, or the others would wait for the main one forever
         raise ValueError(problem)

@@ -40,8 +40,8 @@ def write_report(path: str | Path, result: dict, worst: list[WorstItem], mode: s
     if worst:
         body.append(f"<h2>Worst items in {html.escape(mode)}: lowest selection recall, then wrong answers</h2>"
                     "<p>Left: the LR attention (summed over heads) of the layer that chose the HR tokens the last "
-                    "layer attended for the answer's first token; right: those HR tokens. Boxes: the targets that token's "
-                    "selection recall is measured against.</p>")
+                    "layer attended for the answer's first token; right: those HR tokens. Boxes: the targets that "
+                    "token's selection recall is measured against.</p>")
         for item, part in zip(worst, parts[1:]):
             body.append(f"<section>{_caption(item)}{part}</section>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -29,7 +29,7 @@ from .attention import FlexHooks
 from .benchmarks import Item
 from .distributed import Processes, ResultsFile, run_items
 from .evaluate import WorstItem, _summary, last_attended_mask, mask_recall, pick_worst
-from .image import load_image
+from .image import ImageError, load_image
 from .prompt import conversation, tokenize_around_image
 from .scoring import freeform_match, multiple_choice_prompt, option_letter, split_instruction, vqa_accuracy
 
@@ -125,7 +125,10 @@ def run_benchmark(vlm, bench: str, items: list[Item], modes=("lowres", "flex"), 
 
     def compute(i: int) -> dict:
         item = items[i]
-        image = load_image(item.image_source())
+        try:
+            image = load_image(item.image_source())
+        except ImageError as err:  # say which question's image
+            raise ImageError(f"{bench} {item.key}: {err}") from None
         runs = {}
         for mode in modes:
             vlm.forget_images()  # each (item, mode) as if alone: the same result in any process, in any order
@@ -168,8 +171,14 @@ def worst_items(vlm, bench: str, items: list[Item], rows: list[dict], mode: str 
         vlm.forget_images()
         result, answer = SCORERS[bench](vlm, item, image, mode, max_new_tokens)
         given = item.options[result["chosen"]] if bench == "vstar" else result["answer"]
-        truth = {"vstar": lambda: item.options[0], "textvqa": lambda: " | ".join(dict.fromkeys(item.answers)),
-                 "magnifierbench": lambda: f"{item.answers[0]}. {item.options[item.answers[0]]}"}[bench]()
-        worst.append(WorstItem.from_trace(item.key, image, item.question, given, truth, result, answer.trace,
-                                          item.boxes))
+        worst.append(WorstItem.from_trace(item.key, image, item.question, given, _truth(bench, item), result,
+                                          answer.trace, item.boxes))
     return worst
+
+
+def _truth(bench: str, item: Item) -> str:
+    if bench == "vstar":
+        return item.options[0]
+    if bench == "textvqa":
+        return " | ".join(dict.fromkeys(item.answers))  # the distinct human answers
+    return f"{item.answers[0]}. {item.options[item.answers[0]]}"
