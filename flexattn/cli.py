@@ -11,8 +11,10 @@ import sys
 
 import torch
 
-from . import evaluate
+from . import evaluate, evaluate_benchmarks
 from .avl import AVLSettings
+from .benchmarks import BENCH_NAMES, DEFAULT_SPLITS, load_benchmark
+from .distributed import Processes
 from .image import ImageError, load_image
 from .loading import ModelLoadError
 from .pipeline import FlexVLM
@@ -43,9 +45,9 @@ def avl_settings(args) -> AVLSettings:
                        selection_scores=args.avl_selection)
 
 
-def load_model(args) -> FlexVLM:
+def load_model(args, device: str | None = None) -> FlexVLM:
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return FlexVLM.load(args.model, device=args.device, dtype=dtype)
+    return FlexVLM.load(args.model, device=device or args.device, dtype=dtype)
 
 
 def cmd_answer(args) -> int:
@@ -75,20 +77,49 @@ def cmd_answer(args) -> int:
 
 def cmd_eval(args) -> int:
     modes = parse_modes(args.modes)
-    if args.bench == "vstar" and not args.vstar_dir:
-        raise ValueError("--bench vstar needs --vstar-dir DIR")
-    vlm = load_model(args)
-    if args.threshold is not None or args.pool_size is not None:  # every mode and bench reads the model's settings
-        vlm.model.config.flex_attention = vlm.settings.with_overrides(threshold=args.threshold,
-                                                                      pool_size=args.pool_size).to_dict()
-    if args.bench == "vstar":
-        result = evaluate.evaluate_vstar(vlm, args.vstar_dir, modes, progress=not args.json)
-    else:
-        result = evaluate.evaluate_synthetic(vlm, args.bench, args.n, args.seed, modes, shifted=not args.no_shifted,
-                                             max_new_tokens=args.max_new_tokens, progress=True,
-                                             avl=avl_settings(args) if args.avl else None)
-    print(json.dumps(result) if args.json else evaluate.format_table(result))
-    return 0
+    real = args.bench in BENCH_NAMES
+    if real and not args.data_dir:
+        raise ValueError(f"--bench {args.bench} needs --data-dir DIR (or a hub dataset id)")
+    if args.report_items < 0:
+        raise ValueError(f"--report-items must be 0 or more, got {args.report_items}")
+    # Under torchrun / accelerate launch: one process per device, each with its share of the items.
+    processes = Processes.launched(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    try:
+        items = load_benchmark(args.bench, args.data_dir, args.split, args.limit) if real else None  # before the model
+        device = str(processes.device) if processes.count > 1 and args.device is None else args.device
+        vlm = load_model(args, device)
+        if args.threshold is not None or args.pool_size is not None:  # every mode and bench reads the model's settings
+            vlm.model.config.flex_attention = vlm.settings.with_overrides(threshold=args.threshold,
+                                                                          pool_size=args.pool_size).to_dict()
+        common = dict(max_new_tokens=args.max_new_tokens, processes=processes, out=args.out)
+        if real:
+            ran = evaluate_benchmarks.run_benchmark(vlm, args.bench, items, modes, **common)
+        else:
+            ran = evaluate.run_synthetic(vlm, args.bench, args.n, args.seed, modes, shifted=not args.no_shifted,
+                                         avl=avl_settings(args) if args.avl else None, **common)
+        if ran is None:  # not the main process: it printed nothing and leaves the summary to the main one
+            return 0
+        result, rows = ran
+        if args.report:
+            from . import eval_report  # plotly: only for this option
+
+            worst = []
+            if "flex" in modes and args.report_items:
+                if real:
+                    worst = evaluate_benchmarks.worst_items(vlm, args.bench, items, rows, k=args.report_items,
+                                                            max_new_tokens=args.max_new_tokens)
+                else:
+                    worst = evaluate.synthetic_worst(vlm, args.bench, args.seed, rows, k=args.report_items,
+                                                     max_new_tokens=args.max_new_tokens)
+            print(f"report: {eval_report.write_report(args.report, result, worst)}", file=sys.stderr)
+        print(json.dumps(result) if args.json else evaluate.format_table(result))
+        return 0
+    except KeyboardInterrupt:
+        if args.out and processes.is_main:
+            print(f"interrupted: {args.out} keeps the items done; the same command resumes from there", file=sys.stderr)
+        return 130
+    finally:
+        processes.close()
 
 
 def cmd_bench(args) -> int:
@@ -135,13 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --json: every selected HR mask, per generated token and layer (row-major indices)")
     answer.set_defaults(run=cmd_answer)
 
-    ev = sub.add_parser("eval", help="accuracy, HR share, selection recall and TFLOPs per mode and family")
+    ev = sub.add_parser("eval", help="accuracy, HR share, selection recall and TFLOPs per mode (and family)",
+                        description="Launch with torchrun --nproc_per_node N (or accelerate launch) to spread the "
+                                    "items over N processes; the main one prints what a single process would.")
     add_model_args(ev)
-    ev.add_argument("--bench", default="synthetic", choices=[*BENCHES, "vstar"])
-    ev.add_argument("--n", type=int, default=500, help="samples (synthetic benches)")
+    ev.add_argument("--bench", default="synthetic", choices=[*BENCHES, *BENCH_NAMES])
+    # -n too: torchrun's own parser rejects --n as an ambiguous prefix of its options (or pass "--" after the module)
+    ev.add_argument("-n", "--n", type=int, default=500, help="samples (synthetic benches)")
     ev.add_argument("--seed", type=int, default=10_000_000, help="first held-out seed (training used < 10M)")
     ev.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {','.join(MODES)}")
-    ev.add_argument("--vstar-dir", default=None, help="V* Bench directory (with direct_attributes/ ...)")
+    ev.add_argument("--data-dir", "--vstar-dir", dest="data_dir", default=None,
+                    help="vstar, textvqa, magnifierbench: the benchmark's directory in its published layout, a "
+                         "dataset directory, or a hub dataset id (docs/benchmarks.md)")
+    ev.add_argument("--split", default=None,
+                    help="dataset split for hub datasets (default: "
+                         + ", ".join(f"{b} {s}" for b, s in DEFAULT_SPLITS.items()) + ")")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N questions of a benchmark")
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--no-shifted", action="store_true", help="skip the shifted-mask control")
     ev.add_argument("--avl", action="store_true", help="also run every mode with A-VL and compare")
@@ -149,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", type=float, default=None,
                     help="selection threshold, 0-255 (default: the model's); to trace recall against HR share")
     ev.add_argument("--pool-size", type=int, default=None, help="selection pooling grid (default: the model's)")
+    ev.add_argument("--out", default=None,
+                    help="per-item results, one JSON line each; a rerun with the same file resumes where it stopped")
+    ev.add_argument("--report", default=None, help="write an HTML page: summary and the worst items' attention maps")
+    ev.add_argument("--report-items", type=int, default=4,
+                    help="with --report: how many lowest-recall and how many wrong items to draw (default 4 each)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=cmd_eval)
 

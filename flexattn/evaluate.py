@@ -1,28 +1,24 @@
-"""Evaluation: the synthetic high-res benchmarks, and V* Bench read from a local directory.
+"""Evaluation: the definitions of selection recall, the synthetic high-res benchmarks and the results table.
 
 Per mode and family: accuracy (exact match), `hr_share` (mean share of HR tokens each HR-attending layer saw),
 `selection_recall` (share of the target's HR tokens inside the answering token's mask at the last layer that
 attends to HR), mean TFLOPs; for `flex`, `shifted_mask_accuracy` with every mask rolled by a third of the HR grid.
+The papers' benchmarks (V* Bench, TextVQA, MagnifierBench) run in `flexattn.evaluate_benchmarks`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from PIL import Image
 
-from .attention import FlexHooks
+from .distributed import Processes, ResultsFile, run_items
 from .image import boxes_cells
-from .prompt import conversation, tokenize_around_image
 from .settings import MODES
 from .synthetic import BENCHES, bench_split
-VSTAR_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 def normalise(text: str) -> str:
@@ -62,6 +58,42 @@ def selection_recall(sample, trace, image_size) -> float | None:
     return float(np.mean(recalls)) if recalls else None
 
 
+@dataclass
+class WorstItem:
+    """An item a report shows: what was asked and answered, the target boxes, and where the answer's first token
+    looked: the LR attention (g x g, summed over heads) of the layer that computed the last layer's HR mask, and
+    that mask (G x G)."""
+
+    key: str
+    image: Image.Image
+    question: str
+    given: str
+    truth: str
+    result: dict  # the item's result in this mode ("correct", "recall", "hr_share", ...)
+    boxes: list
+    lr_attention: np.ndarray | None
+    mask: np.ndarray | None
+
+    @classmethod
+    def from_trace(cls, key, image, question, given, truth, result, trace, boxes) -> "WorstItem":
+        lr = mask = None
+        if trace is not None and trace.passes:
+            layers = trace.passes[0]
+            mask = last_attended_mask(trace, 0)
+            lr = layers[max(len(layers) - 2, 0)].lr_attention
+        return cls(key, image, question, given, truth, result, list(boxes), lr, mask)
+
+
+def pick_worst(rows: list[dict], mode: str, k: int) -> list[int]:
+    """Indices of the k items with the lowest selection recall, then of the k lowest-scored wrong answers (by score,
+    then recall), without repeats."""
+    results = [(i, row["runs"][mode]) for i, row in enumerate(rows) if mode in row["runs"]]
+    lowest = sorted((r["recall"], i) for i, r in results if r.get("recall") is not None)[:k]
+    wrong = sorted((r["correct"], r["recall"] if r.get("recall") is not None else 1.0, i)
+                   for i, r in results if r["correct"] < 1)[:k]
+    return list(dict.fromkeys([i for *_, i in lowest] + [i for *_, i in wrong]))
+
+
 def _summary(rows: list[dict]) -> dict:
     def mean(key):
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -76,58 +108,102 @@ def _summary(rows: list[dict]) -> dict:
     }
 
 
+def synthetic_runs(modes, shifted: bool, avl) -> list[tuple[str, str | None]]:
+    """(mode, variant) pairs each sample is answered in: every mode, flex with shifted masks, every mode with A-VL."""
+    runs = [(mode, None) for mode in modes]
+    if shifted and "flex" in modes:
+        runs.append(("flex", "shifted"))
+    if avl is not None:
+        runs += [(mode, "avl") for mode in modes]
+    return runs
+
+
+def run_name(mode: str, variant: str | None) -> str:
+    return mode if variant is None else f"{mode}/{variant}"
+
+
 def evaluate_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 10_000_000, modes=MODES,
-                       shifted: bool = True, max_new_tokens: int = 16, progress: bool = True, avl=None) -> dict:
+                       shifted: bool = True, max_new_tokens: int = 16, progress: bool = True, avl=None,
+                       processes: Processes | None = None, out: str | Path | None = None) -> dict | None:
+    """`run_synthetic`'s summary (see there)."""
+    ran = run_synthetic(vlm, bench, n, seed, modes, shifted, max_new_tokens, progress, avl, processes, out)
+    return ran[0] if ran is not None else None
+
+
+def run_synthetic(vlm, bench: str = "synthetic", n: int = 500, seed: int = 10_000_000, modes=MODES,
+                  shifted: bool = True, max_new_tokens: int = 16, progress: bool = True, avl=None,
+                  processes: Processes | None = None,
+                  out: str | Path | None = None) -> tuple[dict, list[dict]] | None:
     """Held-out synthetic samples (seeds from `seed` on) in each mode; see the module docstring for metrics.
 
     With `avl` (AVLSettings), each mode also runs with A-VL and its block gains `kv_ratio` (A-VL KV bytes / full
     cache KV bytes at the end of generation), `token_agreement` (share of the full cache's greedy tokens that A-VL
     reproduces position for position), `accuracy_drop` (full minus A-VL accuracy), `visual_attention_ratio`
     (visual tokens attended per decoding step / LR image tokens) and `avl_accuracy`.
+    `processes` spreads the samples over launched processes; `out` streams per-sample results to a JSONL file and
+    resumes from it. Returns (summary, per-sample results in sample order) on the main process, None on the others.
     """
     families = BENCHES[bench]
     samples = bench_split(bench, n, seed)
-    runs = [(mode, None) for mode in modes]
-    if shifted and "flex" in modes:
-        runs.append(("flex", "shifted"))
-    if avl is not None:
-        runs += [(mode, "avl") for mode in modes]
-    per_run: dict[tuple, list[dict]] = defaultdict(list)
-    bar = tqdm(total=len(samples) * len(runs), desc=f"eval {bench}", disable=not progress)
-    for sample in samples:
+    runs = synthetic_runs(modes, shifted, avl)
+    run = {"bench": bench, "model": vlm.name, "seed": seed, "modes": list(modes), "shifted": shifted,
+           "max_new_tokens": max_new_tokens, "avl": avl.to_dict() if avl is not None else None,
+           "flex_settings": vlm.settings.to_dict()}  # what a sample's result depends on (not n: samples keep seeds)
+
+    def score(i: int) -> dict:
+        sample = samples[i]
+        vlm.forget_images()  # a sample's result must not depend on what this process answered before
         prepared = vlm.prepare(sample.image)
         G = prepared.hr_grid
+        row = {"family": sample.family, "runs": {}}
         for mode, variant in runs:
             shift = (G // 3, G // 3) if variant == "shifted" else None
             answer = vlm.answer(prepared, sample.question, mode=mode, max_new_tokens=max_new_tokens,
                                 shift_selection=shift, reuse_prefix=False, avl=avl if variant == "avl" else None)
             stats = answer.stats
-            per_run[(mode, variant)].append({
+            row["runs"][run_name(mode, variant)] = {
                 "tokens": answer.token_ids,
                 "kv_bytes": stats.kv_bytes,
                 "visual_ratio": stats.avl.visual_attention_ratio if stats.avl is not None else None,
-                "family": sample.family,
                 "correct": float(normalise(answer.text) == normalise(sample.answer)),
                 "hr_share": stats.hr_share if mode != "lowres" else 0.0,
                 "recall": selection_recall(sample, answer.trace, sample.image.size) if mode != "lowres" else None,
                 "tflops": stats.tflops,
-            })
-            bar.update()
-    bar.close()
+            }
+        return row
+
+    rows = run_items([str(s.seed) for s in samples], score, processes, ResultsFile(out, run) if out else None,
+                     desc=f"eval {bench}", progress=progress)
+    if rows is None:
+        return None
+    per_run = {run_name(*r): [{**row["runs"][run_name(*r)], "family": row["family"]} for row in rows] for r in runs}
     out = {"model": vlm.name, "bench": bench, "n": n, "seed": seed, "flex_settings": vlm.settings.to_dict(),
            "modes": {}}
     for mode in modes:
-        rows = per_run[(mode, None)]
-        block = _summary(rows)
-        block["families"] = {f: _summary([r for r in rows if r["family"] == f]) for f in families}
-        if (mode, "shifted") in per_run:
-            block["shifted_mask_accuracy"] = _summary(per_run[(mode, "shifted")])["accuracy"]
-        if (mode, "avl") in per_run:
-            block.update(_avl_comparison(rows, per_run[(mode, "avl")]))
+        block = _summary(per_run[mode])
+        block["families"] = {f: _summary([r for r in per_run[mode] if r["family"] == f]) for f in families}
+        if f"{mode}/shifted" in per_run:
+            block["shifted_mask_accuracy"] = _summary(per_run[f"{mode}/shifted"])["accuracy"]
+        if f"{mode}/avl" in per_run:
+            block.update(_avl_comparison(per_run[mode], per_run[f"{mode}/avl"]))
         out["modes"][mode] = block
     if avl is not None:
         out["avl"] = avl.to_dict()
-    return out
+    return out, rows
+
+
+def synthetic_worst(vlm, bench: str, seed: int, rows: list[dict], mode: str = "flex", k: int = 4,
+                    max_new_tokens: int = 16) -> list[WorstItem]:
+    """The samples with the lowest recall and the wrong answers in `mode`, answered again for their traces."""
+    worst = []
+    samples = bench_split(bench, len(rows), seed)
+    for i in pick_worst(rows, mode, k):
+        sample = samples[i]
+        answer = vlm.answer(sample.image, sample.question, mode=mode, max_new_tokens=max_new_tokens,
+                            reuse_prefix=False)
+        worst.append(WorstItem.from_trace(str(sample.seed), sample.image, sample.question, answer.text, sample.answer,
+                                          rows[i]["runs"][mode], answer.trace, sample.token_boxes[0]))
+    return worst
 
 
 def _avl_comparison(full: list[dict], avl: list[dict]) -> dict:
@@ -144,83 +220,34 @@ def _avl_comparison(full: list[dict], avl: list[dict]) -> dict:
     }
 
 
-# ---- V* Bench ---------------------------------------------------------------------------------------------------
-
-def load_vstar(root: str | Path, subsets=("direct_attributes", "relative_position")) -> list[dict]:
-    """V* Bench in its published layout: <root>/<subset>/<id>.json ({"question", "options", ...}) beside the
-    image <id>.jpg|png|...; the first option is the correct one."""
-    root = Path(root)
-    items = []
-    for subset in subsets:
-        for annotation in sorted((root / subset).glob("*.json")):
-            data = json.loads(annotation.read_text())
-            image = next((p for p in annotation.parent.glob(annotation.stem + ".*") if p.suffix != ".json"), None)
-            if image is None:
-                raise FileNotFoundError(f"no image beside {annotation}")
-            items.append({"subset": subset, "id": annotation.stem, "image": image, "question": data["question"],
-                          "options": list(data["options"])})
-    if not items:
-        raise FileNotFoundError(f"no V* Bench annotations under {root} (expected {subsets[0]}/*.json)")
-    return items
-
-
-@torch.no_grad()
-def option_loss(vlm, prepared, question: str, option: str, mode: str) -> float:
-    """Mean cross-entropy of `option` as the answer. As in the released evaluation, the option is scored with
-    teacher forcing where every row predicting an option token sees HR with its own selection."""
-    before, prompt_after = tokenize_around_image(vlm.tokenizer, conversation(question))
-    _, full_after = tokenize_around_image(vlm.tokenizer, conversation(question) + " " + option)
-    if full_after[: len(prompt_after)] != prompt_after:  # tokenisation merged across the boundary: keep the joint ids
-        prompt_after = full_after[: len(prompt_after) - 1]
-    option_ids = full_after[len(prompt_after) :]
-    embeds = vlm._embed(prepared, before, full_after)
-    start = len(before)
-    prompt_len = embeds.shape[1] - len(option_ids)
-    rows = torch.arange(prompt_len - 1, embeds.shape[1] - 1, device=vlm.device)[None]
-    state = vlm.flex_state(prepared, mode, vlm.settings, start, hooks=FlexHooks(rows=rows))
-    logits = vlm.model(inputs_embeds=embeds, flex_state=state).logits[0, prompt_len - 1 : -1]
-    target = torch.tensor(option_ids, device=logits.device)
-    return float(F.cross_entropy(logits.float(), target))
-
-
-def evaluate_vstar(vlm, root, modes=("lowres", "flex"), progress: bool = True) -> dict:
-    items = load_vstar(root)
-    out = {"model": vlm.name, "bench": "vstar", "n": len(items), "flex_settings": vlm.settings.to_dict(),
-           "modes": {}}
-    for mode in modes:
-        per_subset = defaultdict(list)
-        for item in tqdm(items, desc=f"V* {mode}", disable=not progress):
-            prepared = vlm.prepare(item["image"], highres=mode != "lowres")
-            question = item["question"] + VSTAR_SUFFIX
-            losses = [option_loss(vlm, prepared, question, o, mode) for o in item["options"]]
-            per_subset[item["subset"]].append(float(int(np.argmin(losses)) == 0))
-        allrows = [c for rows in per_subset.values() for c in rows]
-        out["modes"][mode] = {"accuracy": float(np.mean(allrows)),
-                              "subsets": {k: float(np.mean(v)) for k, v in per_subset.items()}}
-    return out
-
-
 def format_table(result: dict) -> str:
+    """The result of any benchmark as a text table: one row per mode and family (synthetic) or subset (V*)."""
     flex = result.get("flex_settings", {})
     lines = [f"{result['bench']}  model={result['model']}  n={result['n']}  threshold={flex.get('threshold')}  "
              f"pool={flex.get('pool_size')}"]
-    header = f"{'mode':<11}{'family':<11}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}"
-    lines.append(header)
+    groups = [k for block in result["modes"].values() for k in (*block.get("families", {}), *block.get("subsets", {}))]
+    w = max([11, *(len(k) + 2 for k in groups)])
+    group = "subset" if any("subsets" in block for block in result["modes"].values()) else "family"
+    lines.append(f"{'mode':<11}{group:<{w}}{'accuracy':>9}{'hr_share':>10}{'recall':>8}{'TFLOPs':>11}")
+
     def fmt(value, spec):
         width = int(spec.split(".")[0])
         return format(value, spec) if value is not None else "-".rjust(width)
 
     for mode, block in result["modes"].items():
-        rows = [("all", block)] + list(block.get("families", {}).items())
-        if "subsets" in block:
-            rows = [("all", block)] + [(k, {"accuracy": v}) for k, v in block["subsets"].items()]
+        rows = [("all", block), *block.get("families", {}).items(), *block.get("subsets", {}).items()]
         for family, b in rows:
-            lines.append(f"{mode:<11}{family:<11}{fmt(b.get('accuracy'), '9.3f')}{fmt(b.get('hr_share'), '10.3f')}"
+            lines.append(f"{mode:<11}{family:<{w}}{fmt(b.get('accuracy'), '9.3f')}{fmt(b.get('hr_share'), '10.3f')}"
                          f"{fmt(b.get('selection_recall'), '8.3f')}{fmt(b.get('tflops'), '11.2e')}")
         if "shifted_mask_accuracy" in block:
-            lines.append(f"{mode:<11}{'shifted':<11}{block['shifted_mask_accuracy']:9.3f}   (every mask rolled by G/3)")
+            lines.append(f"{mode:<11}{'shifted':<{w}}{block['shifted_mask_accuracy']:9.3f}   "
+                         "(every mask rolled by G/3)")
+        if block.get("freeform_match") is not None:
+            lines.append(f"{mode:<11}{'free-form':<{w}}{block['freeform_match']:9.3f}   (correct option's text in the "
+                         "answer; the paper asks GPT-4)")
         if "kv_ratio" in block:
-            lines.append(f"{mode:<11}{'A-VL':<11}{block['avl_accuracy']:9.3f}   kv_ratio {block['kv_ratio']:.3f}  "
-                         f"token_agreement {block['token_agreement']:.3f}  accuracy_drop {block['accuracy_drop']:+.3f}  "
+            lines.append(f"{mode:<11}{'A-VL':<{w}}{block['avl_accuracy']:9.3f}   kv_ratio {block['kv_ratio']:.3f}  "
+                         f"token_agreement {block['token_agreement']:.3f}  "
+                         f"accuracy_drop {block['accuracy_drop']:+.3f}  "
                          f"visual_attention_ratio {block['visual_attention_ratio']:.3f}")
     return "\n".join(lines)

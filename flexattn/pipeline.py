@@ -150,6 +150,12 @@ class FlexVLM:
         return self.model.device
 
     # ---- images ------------------------------------------------------------------------------------------
+    def forget_images(self) -> None:
+        """Drop every cached image (features, projected HR keys/values, prompt prefixes): the next call's cost and
+        counts are those of a first question about its image (evaluations score each item as if alone)."""
+        with self._lock:
+            self._cache.clear()
+
     def prepare(self, image, highres: bool = True, zoom: int | None = None, lazy: bool = False) -> PreparedImage:
         """Load, view and encode an image (cached by content). With `highres` and not `lazy`, every HR crop is
         encoded now; otherwise HR crops are encoded when a selection first touches them."""
