@@ -39,6 +39,7 @@ from flexattn.synthetic import (
     CONTROL_KINDS,
     FAMILIES,
     HR_GRID,
+    HR_SIZE,
     LETTERS,
     LR_SIZE,
     MULTI_TARGETS,
@@ -48,8 +49,8 @@ from flexattn.synthetic import (
     Shape,
     ask,
     build_tokenizer,
+    Sample,
     make_sample,
-    patch_labels,
 )
 
 HELDOUT_SEED = 10_000_000  # evaluation (python -m flexattn eval) starts here; training stays below
@@ -57,6 +58,7 @@ TUNE_SEED = HELDOUT_SEED + 500_000  # thresholds and other choices are made on t
 ZOOM = 3
 LR_GRID = LR_SIZE // PATCH  # 8
 CROP_GRID = HR_GRID // ZOOM  # 8 tokens per HR crop side
+NONE = -1  # a patch without a letter / shape
 
 
 def seed_all(seed: int) -> None:
@@ -160,6 +162,48 @@ def make_tower(cfg: TowerConfig):
 def tower_features(tower, pixels: torch.Tensor) -> torch.Tensor:
     """(N, 3, 112, 112) -> (N, 64, D): hidden_states[-2] without CLS, as LLaVA selects them."""
     return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
+def patch_labels(sample: Sample, grid: int, min_cover: float = 0.5) -> dict[str, np.ndarray]:
+    """Per-patch targets on a grid x grid tiling of the HR image (24 -> 14-px HR patches,
+    8 -> 42-px patches = the LR view's 14-px patches).
+
+    Returns int64 (grid, grid) arrays, row-major (row = y), NONE (-1) where nothing applies:
+      letter  index into LETTERS of the glyph whose centre lies in the patch;
+      colour  index into COLOURS of the shape covering the patch: the shape whose centre lies in
+              it, else the shape covering >= min_cover of its pixels;
+      shape   index into SHAPES, same rule.
+    """
+    if HR_SIZE % grid:
+        raise ValueError(f"grid {grid} does not divide {HR_SIZE}")
+    p = HR_SIZE // grid
+    letter = np.full((grid, grid), NONE, dtype=np.int64)
+    colour = np.full((grid, grid), NONE, dtype=np.int64)
+    shape = np.full((grid, grid), NONE, dtype=np.int64)
+    smap = sample.shape_map
+    if smap is None:
+        raise ValueError("sample has no shape_map")
+    n = len(sample.shapes)
+    # Coverage per patch per shape: (grid, grid, n+1)
+    blocks = smap.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid, grid, p * p)
+    counts = np.stack([(blocks == k).sum(-1) for k in range(n + 1)], axis=-1)
+    best = counts[..., 1:].argmax(-1)
+    frac = counts[..., 1:].max(-1) / float(p * p) if n else np.zeros((grid, grid))
+    for r in range(grid):
+        for c in range(grid):
+            if n and frac[r, c] >= min_cover:
+                s = sample.shapes[int(best[r, c])]
+                colour[r, c] = COLOURS.index(s.colour)
+                shape[r, c] = SHAPES.index(s.kind)
+    for s in sample.shapes:
+        cx, cy = s.centre
+        r, c = cy // p, cx // p
+        colour[r, c] = COLOURS.index(s.colour)
+        shape[r, c] = SHAPES.index(s.kind)
+        gx0, gy0, gx1, gy1 = s.letter_box
+        lr, lc = ((gy0 + gy1 - 1) // 2) // p, ((gx0 + gx1 - 1) // 2) // p
+        letter[lr, lc] = LETTERS.index(s.letter)
+    return {"letter": letter, "colour": colour, "shape": shape}
 
 
 def _none_to_class(labels: np.ndarray, n: int) -> np.ndarray:

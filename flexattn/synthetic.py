@@ -22,14 +22,10 @@ Every question carries, per answer token, the shapes that token is about (`Quest
 spatial answer is about both named shapes) and which shapes it names by their letter (`by_letter`),
 which the LR view cannot find. Everything is a pure function of (seed, family, ...): a numpy
 Generator is seeded per sample.
-
-Label conventions (see `patch_labels`): class indices are positions in LETTERS, COLOURS and
-SHAPES; -1 means "none" (no letter / background).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +37,6 @@ HR_SIZE = 336
 LR_SIZE = 112
 PATCH = 14  # vision-tower patch size in HR pixels
 HR_GRID = HR_SIZE // PATCH  # 24
-NONE = -1
 
 # Letters whose lowercase forms are not also prompt/question words ("a", "i"), drawn with
 # distinct 5x7 glyphs.
@@ -500,52 +495,6 @@ def bench_split(bench: str, n: int, seed: int) -> list[Sample]:
 
 
 # --------------------------------------------------------------------------------------------
-# Dense per-patch labels (vision-tower pretraining)
-
-
-def patch_labels(sample: Sample, grid: int = HR_GRID, min_cover: float = 0.5) -> dict[str, np.ndarray]:
-    """Per-patch targets on a grid x grid tiling of the HR image (24 -> 14-px HR patches,
-    8 -> 42-px patches = the LR view's 14-px patches).
-
-    Returns int64 (grid, grid) arrays, row-major (row = y), NONE (-1) where nothing applies:
-      letter  index into LETTERS of the glyph whose centre lies in the patch;
-      colour  index into COLOURS of the shape covering the patch: the shape whose centre lies in
-              it, else the shape covering >= min_cover of its pixels;
-      shape   index into SHAPES, same rule.
-    """
-    if HR_SIZE % grid:
-        raise ValueError(f"grid {grid} does not divide {HR_SIZE}")
-    p = HR_SIZE // grid
-    letter = np.full((grid, grid), NONE, dtype=np.int64)
-    colour = np.full((grid, grid), NONE, dtype=np.int64)
-    shape = np.full((grid, grid), NONE, dtype=np.int64)
-    smap = sample.shape_map
-    if smap is None:
-        raise ValueError("sample has no shape_map")
-    n = len(sample.shapes)
-    # Coverage per patch per shape: (grid, grid, n+1)
-    blocks = smap.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid, grid, p * p)
-    counts = np.stack([(blocks == k).sum(-1) for k in range(n + 1)], axis=-1)
-    best = counts[..., 1:].argmax(-1)
-    frac = counts[..., 1:].max(-1) / float(p * p) if n else np.zeros((grid, grid))
-    for r in range(grid):
-        for c in range(grid):
-            if n and frac[r, c] >= min_cover:
-                s = sample.shapes[int(best[r, c])]
-                colour[r, c] = COLOURS.index(s.colour)
-                shape[r, c] = SHAPES.index(s.kind)
-    for s in sample.shapes:
-        cx, cy = s.centre
-        r, c = cy // p, cx // p
-        colour[r, c] = COLOURS.index(s.colour)
-        shape[r, c] = SHAPES.index(s.kind)
-        gx0, gy0, gx1, gy1 = s.letter_box
-        lr, lc = ((gy0 + gy1 - 1) // 2) // p, ((gx0 + gx1 - 1) // 2) // p
-        letter[lr, lc] = LETTERS.index(s.letter)
-    return {"letter": letter, "colour": colour, "shape": shape}
-
-
-# --------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
@@ -601,18 +550,3 @@ def build_tokenizer(out_dir: str | Path | None = None):
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
     return fast
-
-
-def label_lists() -> dict[str, list[str]]:
-    return {"letters": list(LETTERS), "colours": list(COLOURS), "shapes": list(SHAPES), "families": list(FAMILIES)}
-
-
-def save_split(samples: list[Sample], out_dir: str | Path) -> None:
-    """Write images (PNG) and a metadata.jsonl to out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metadata.jsonl", "w") as f:
-        for s in samples:
-            name = f"{s.family}_{s.seed}.png"
-            s.image.save(out / name)
-            f.write(json.dumps({"image": name, **s.to_dict()}) + "\n")

@@ -27,7 +27,6 @@ from flexattn.synthetic import (
     glyph_box,
     make_sample,
     make_split,
-    patch_labels,
     words,
 )
 
@@ -201,20 +200,6 @@ def test_control_questions_are_answerable_at_lr(split):
             assert q.by_letter == () and all(letter not in q.text.split() for letter in LETTERS)
             shape = s.shapes[q.targets[0][0]]
             assert q.answer == {"ctl_colour": shape.colour, "ctl_shape": shape.kind}.get(kind, q.answer)
-
-
-def test_patch_labels(split):
-    s = split[0]
-    hr = patch_labels(s, HR_GRID)
-    lr = patch_labels(s, 8)
-    assert hr["letter"].shape == (HR_GRID, HR_GRID) and lr["colour"].shape == (8, 8)
-    assert (hr["letter"] >= 0).sum() == len(s.shapes)
-    for sh in s.shapes:
-        r, c = sh.centre[1] // PATCH, sh.centre[0] // PATCH
-        assert LETTERS[hr["letter"][r, c]] == sh.letter
-        assert COLOURS[hr["colour"][r, c]] == sh.colour and SHAPES[hr["shape"][r, c]] == sh.kind
-        r, c = sh.centre[1] // 42, sh.centre[0] // 42
-        assert COLOURS[lr["colour"][r, c]] == sh.colour and SHAPES[lr["shape"][r, c]] == sh.kind
 
 
 def test_tokenizer_round_trip(split, tokenizer):

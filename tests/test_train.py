@@ -128,3 +128,17 @@ def test_projector_starts_from_the_tower_heads_and_keeps_position(tiny_run):
     assert (column_logits.argmax(-1) == torch.arange(64) % train.LR_GRID).float().mean() > 0.9
     rms = proj.linear_2(hidden).detach().pow(2).mean().sqrt()
     assert 0.5 < float(rms) < 2.0
+
+
+def test_patch_labels_name_each_shape_at_its_centre():
+    s = make_sample(5_000, "attribute")
+    hr = train.patch_labels(s, train.HR_GRID)
+    lr = train.patch_labels(s, 8)
+    assert hr["letter"].shape == (train.HR_GRID, train.HR_GRID) and lr["colour"].shape == (8, 8)
+    assert (hr["letter"] >= 0).sum() == len(s.shapes)
+    for sh in s.shapes:
+        r, c = sh.centre[1] // train.PATCH, sh.centre[0] // train.PATCH
+        assert train.LETTERS[hr["letter"][r, c]] == sh.letter
+        assert train.COLOURS[hr["colour"][r, c]] == sh.colour and train.SHAPES[hr["shape"][r, c]] == sh.kind
+        r, c = sh.centre[1] // 42, sh.centre[0] // 42
+        assert train.COLOURS[lr["colour"][r, c]] == sh.colour and train.SHAPES[lr["shape"][r, c]] == sh.kind
