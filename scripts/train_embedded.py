@@ -867,6 +867,7 @@ def _save_model(model, tokenizer, out: Path, info: dict | None = None, init_dir:
     build_tokenizer(out)
     make_processor().save_pretrained(str(out))
     if info is not None:
+        info.setdefault("trained_on", "synthetic")  # what the app's header says the model answers (model_card)
         previous = Path(init_dir) / "training_info.json" if init_dir is not None else None
         if previous is not None and previous.is_file():
             info["init_info"] = json.loads(previous.read_text())
