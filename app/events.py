@@ -254,8 +254,7 @@ class Events(Inspector):
         state["chat"] = [*chat, {"role": "assistant", "content": result.text or "(empty answer)"}]
         state["pending"] = None
         if result.unknown_words:
-            gr.Warning(f"Unknown to this model: {', '.join(result.unknown_words)}. It has no word for them, so its "
-                       f"answer cannot be about them.")
+            gr.Warning(f"Unknown to this model: {', '.join(result.unknown_words)}.")
         yield state["chat"], state, self.stats_markdown(state["answer"])
 
     def record(self, result: Answer, question: str, state: dict) -> AnswerRecord:
@@ -274,7 +273,8 @@ class Events(Inspector):
         sel = rec.answer.settings.get("selection_layer")
         lines = [unknown_line(rec.answer.unknown_words)] if rec.answer.unknown_words else []
         lines += [
-            f"**{rec.mode}** · {s.generated_tokens} tokens · prompt {s.prompt_tokens} tokens "
+            f"**{rec.mode}** · {s.generated_tokens} token{'' if s.generated_tokens == 1 else 's'} · prompt "
+            f"{s.prompt_tokens} tokens "
             f"({s.lr_tokens} LR) · HR tokens attended per layer after layer {sel}: "
             f"**{s.hr_attended_mean:.0f}** of {s.hr_tokens} ({s.hr_share:.0%}) · {s.tflops:.4g} TFLOPs",
             f"latency: total {lat.total:.2f} s = vision {lat.vision:.2f} s + generation {lat.generation:.2f} s "

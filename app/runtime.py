@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from flexattn import EMBEDDED_MODEL, Answer, FlexSettings, FlexVLM
 from flexattn.trace_file import TraceFile
@@ -91,13 +92,18 @@ def trace_passes(vlm: FlexVLM, budget: int = TRACE_BUDGET_BYTES) -> int:
     return max(1, budget // per_pass)
 
 
+def display_name(name) -> str:
+    """A model's name for the page: the embedded model by its short name, anything else as given."""
+    return f"{EMBEDDED_MODEL.name} (embedded)" if Path(str(name)).resolve() == EMBEDDED_MODEL.resolve() else str(name)
+
+
 def describe(vlm: FlexVLM) -> dict:
     """Plain facts about the served model for the page header."""
     cfg = vlm.model.config
     s = vlm.settings
     g = s.lowres_size // cfg.vision_config.patch_size
     return {
-        "name": str(vlm.name),
+        "name": display_name(vlm.name),
         "device": str(vlm.device),
         "dtype": str(next(vlm.model.parameters()).dtype).replace("torch.", ""),
         "layers": cfg.text_config.num_hidden_layers,
@@ -116,7 +122,7 @@ def describe_trace(opened: TraceFile) -> dict:
     """The same facts, as far as a trace file tells them, when the app serves one without a model."""
     trace, settings = opened.answer.trace, FlexSettings.from_dict(opened.answer.settings)
     return {
-        "name": opened.answer.model or "unknown",
+        "name": display_name(opened.answer.model) if opened.answer.model else "unknown",
         "layers": len(trace.passes[0]),
         "lowres_size": settings.lowres_size,
         "hr_size": settings.hr_size,

@@ -24,6 +24,7 @@ READ_PLOTS = """Array.from(document.querySelectorAll('.js-plotly-plot')).map(el 
     types: (el.data || []).map(t => t.type),
     cells: (el._fullData || []).filter(t => t.type === 'heatmap').map(t => t.z ? t.z.length : 0),
     steps: ((el.layout || {}).sliders || []).map(s => s.steps.length),
+    height: el.getBoundingClientRect().height,
 }))"""
 # Which answer token the playback figure shows: its slider's position and the one mask trace that is visible.
 PLAYBACK_STATE = """(() => {
@@ -53,6 +54,8 @@ def open_page(chromium, url: str, width: int = 1400, timeout_s: float = 180):
     """A fresh page (its own browser context: no shared session) on the app, ready for input."""
     page = chromium.new_context(viewport={"width": width, "height": 1000}).new_page()
     page.set_default_timeout(int(timeout_s * 1000))
+    page.errors = []  # uncaught script errors (a figure plotly cannot draw raises one)
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
     page.goto(url)
     page.wait_for_selector("#fa-image input[type=file]", state="attached")
     return page
@@ -172,7 +175,7 @@ def docs_screenshots(url: str, image: str, question: str, out_dir: Path, trace_u
         page = open_page(chromium, url, width=1280)
         ask(page, image, question, enter=True)
         wait_for_plots(page, INSPECT_IDS)
-        shots.append(_shot(page.locator("#fa-header").locator("xpath=.."), out_dir / "header.png"))
+        shots.append(_shot(page.locator("#fa-top"), out_dir / "header.png"))
         shots.append(_shot(page.locator("#fa-walk"), out_dir / "walk.png"))
         shots.append(_shot(page.locator("#fa-maps"), out_dir / "maps.png"))
         shots.append(_shot(page.locator("#fa-grid"), out_dir / "layers.png"))
@@ -191,7 +194,7 @@ def docs_screenshots(url: str, image: str, question: str, out_dir: Path, trace_u
             if trace_url_for is not None:
                 viewer = open_page(chromium, trace_url_for(trace), width=1280)
                 wait_for_plots(viewer, INSPECT_IDS)
-                shots.append(_shot(viewer.locator("#fa-header"), out_dir / "trace-viewer.png"))
+                shots.append(_shot(viewer.locator("#fa-top"), out_dir / "trace-viewer.png"))
     return shots
 
 

@@ -132,11 +132,12 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
 
     with gr.Blocks(title="flexattn: where FlexAttention looks", analytics_enabled=False) as demo:
         state = gr.State(initial, time_to_live=3600)
-        gr.Markdown(header_markdown(info), elem_classes="fa-header", elem_id="fa-header")
-        if loaded:
-            gr.Markdown(card_markdown(info["card"]), elem_classes="fa-card", elem_id="fa-card")
-        if info["untrained_hr"]:
-            gr.Markdown(UNTRAINED_WARNING, elem_classes="fa-warning")
+        with gr.Column(elem_id="fa-top"):
+            gr.Markdown(header_markdown(info), elem_classes="fa-header", elem_id="fa-header")
+            if loaded:
+                gr.Markdown(card_markdown(info["card"]), elem_classes="fa-card", elem_id="fa-card")
+            if info["untrained_hr"]:
+                gr.Markdown(UNTRAINED_WARNING, elem_classes="fa-warning")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
                 image = upload_image(label="Image", sources=["upload", "clipboard"], height=320, elem_id="fa-image")

@@ -27,7 +27,9 @@ _SPACE = re.compile(r"\s+")
 
 
 def clean(token: str) -> str:
-    return _SPACE.sub(" ", token).strip()
+    """A token as shown: one line, HTML-escaped (plotly's titles and labels and the page's markdown read HTML,
+    where "</s>" would vanish)."""
+    return html.escape(_SPACE.sub(" ", token).strip(), quote=False)
 
 
 def layer_hr_mflops(text_config, kv_len: int, selection_layer: int, attended: Sequence[int]) -> list[float]:
@@ -45,7 +47,9 @@ def unknown_line(words: Sequence[str]) -> str:
     if not words:
         return ""
     shown = ", ".join(html.escape(w) for w in words)
-    return f"⚠️ **unknown to this model: {shown}**: its tokenizer has no word for it, so no answer can be about it"
+    them = "it" if len(words) == 1 else "them"
+    return f"⚠️ **unknown to this model: {shown}**: its tokenizer has no word for {them}, so its answer cannot be " \
+           f"about {them}"
 
 
 def no_selection_note(rec: AnswerRecord, layer: int) -> str:
@@ -150,7 +154,7 @@ class Inspector:
     def tokens_markdown(self, rec: AnswerRecord, token: int) -> str:
         cells = []
         for k, label in enumerate(rec.labels):
-            text = html.escape(clean(label)) or "␣"
+            text = clean(label) or "␣"
             cells.append(f"<mark>{text}</mark>" if k == token else text)
         more = len(rec.answer.tokens) - len(rec.labels)
         tail = f" … (+{more} tokens not traced)" if more > 0 else ""
@@ -290,6 +294,5 @@ class Inspector:
             else:
                 mask_title = f"layer {lt.layer}: no selection before layer {answer.trace.selection_layer}"
             columns.append(walk.ModeColumn(title, lt.lr_attention, lt.selected, mask_title))
-        title = (f"“{html.escape(record.question)}”: answer token {token}, layer {layer}: LR attention (top) and "
-                 f"HR tokens selected (bottom), per run")
+        title = f"Answer token {token}, layer {layer}: LR attention (top), HR tokens selected (bottom)"
         return walk.modes_figure(record.view, columns, record.boxes(token), title)

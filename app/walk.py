@@ -61,12 +61,12 @@ def overview_figure(labels: Sequence[str], selected: np.ndarray, hr_tokens: int,
     rows = [token_label(k, label) for k, label in enumerate(labels)]
     layers = list(range(n_layers))
     panels = 2 if recalls is not None else 1
-    fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.06,
+    fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.16,
                         subplot_titles=("HR tokens selected", "target recall")[:panels])
     share = selected / hr_tokens if hr_tokens else selected
     fig.add_trace(go.Heatmap(
         z=selected, x=layers, y=rows, customdata=share, colorscale="Blues", zmin=0, xgap=1, ygap=1,
-        colorbar=dict(title="HR tokens", len=0.9, x=0.46 if panels == 2 else 1.0, thickness=12),
+        colorbar=dict(title="HR tokens", len=0.9, x=0.43 if panels == 2 else 1.0, xanchor="left", thickness=12),
         hovertemplate=f"token %{{y}}, layer %{{x}}: %{{z:.0f}} of {hr_tokens} HR tokens selected "
                       f"(%{{customdata:.0%}})<extra></extra>", name="selected",
     ), row=1, col=1)
@@ -83,7 +83,8 @@ def overview_figure(labels: Sequence[str], selected: np.ndarray, hr_tokens: int,
     if selection_layer is not None:
         for col in range(1, panels + 1):
             fig.add_vline(x=selection_layer - 0.5, line=dict(color="#2ca02c", dash="dot"), row=1, col=col)
-    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=min(620, 130 + 24 * n_tokens),
+    # Gradio gives a titled plot a 100 px top margin: a short answer still needs room below it for its rows.
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=min(700, max(330, 150 + 24 * n_tokens)),
                       margin=dict(l=10, r=10, t=60, b=40))
     if note:
         add_note(fig, note)
@@ -148,7 +149,7 @@ def modes_figure(view: ImageView, columns: Sequence[ModeColumn], boxes: Sequence
     (bottom), at the same token and layer in every column."""
     n = len(columns)
     titles = [c.title for c in columns] + [c.mask_title for c in columns]
-    fig = make_subplots(rows=2, cols=n, subplot_titles=titles, horizontal_spacing=0.015, vertical_spacing=0.08)
+    fig = make_subplots(rows=2, cols=n, subplot_titles=titles, horizontal_spacing=0.015, vertical_spacing=0.1)
     xr, yr = square_ranges(view)
     shapes = []
     for i, column in enumerate(columns):
@@ -175,7 +176,7 @@ def modes_figure(view: ImageView, columns: Sequence[ModeColumn], boxes: Sequence
                                                    constrain="domain")})
     for annotation in fig.layout.annotations:
         annotation.font = dict(size=11)
-    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=140 + 2 * min(300, 900 // max(n, 1)),
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=150 + 2 * min(300, 800 // max(n, 1)),
                       margin=dict(l=4, r=4, t=90, b=4), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
                       shapes=shapes, showlegend=False)
     return fig

@@ -990,6 +990,7 @@ def test_enter_asks_and_the_page_names_unknown_words_and_plays_the_walk(launched
         assert plots["fa-playback"]["types"] == ["image"] + ["heatmap"] * n
         assert not page.is_visible("#fa-avl-group")  # A-VL was off: no empty A-VL panel
         assert driver.play(page) == list(range(n))
+        assert page.errors == []
         page.screenshot(path=str(ARTIFACTS / "walk.png"), full_page=True)
 
 
@@ -1008,6 +1009,7 @@ def test_compare_draws_where_each_mode_looked_in_a_real_browser(launched, exampl
         page.wait_for_function("(document.querySelector('#fa-compare-pictures .js-plotly-plot') || {}).data"
                                "?.filter(t => t.type === 'image').length === 6")
         plots = driver.wait_for_plots(page, ["fa-compare-pictures"])
+        assert plots["fa-compare-pictures"]["height"] > 300 and page.errors == []
         # per mode: the LR map (all three) and the selected HR tokens (flex and select_all; lowres has none)
         assert plots["fa-compare-pictures"]["cells"] == [LR_GRID, LR_GRID, HR_GRID, LR_GRID, HR_GRID]
         assert "lowres" in page.inner_text("#fa-compare-pictures") and "select_all" in page.inner_text(
@@ -1021,8 +1023,9 @@ def test_save_trace_then_open_it_in_a_fresh_page(launched, examples, tmp_path):
     ex = example(examples, "multi_6.png")
     with driver.browser() as chromium:
         page = driver.open_page(chromium, url)
-        driver.ask(page, ex.image, ex.question, max_new_tokens=3)
+        driver.ask(page, ex.image, ex.question, max_new_tokens=1)  # one answer token: the smallest overview
         asked = driver.wait_for_plots(page, driver.INSPECT_IDS)
+        assert all(asked[view]["height"] > 200 for view in driver.INSPECT_IDS) and page.errors == []
         trace = driver.save_trace(page, tmp_path / "saved.npz")
         assert load_trace(trace).question == ex.question
         fresh = driver.open_page(chromium, url)  # a new session: nothing asked there
@@ -1031,6 +1034,7 @@ def test_save_trace_then_open_it_in_a_fresh_page(launched, examples, tmp_path):
         for view in driver.INSPECT_IDS:
             assert opened[view]["types"] == asked[view]["types"] and opened[view]["cells"] == asked[view]["cells"]
         assert opened["fa-overview"]["types"] == ["heatmap", "heatmap"]  # the example's question: recall travels too
+        assert fresh.errors == []
         assert ex.question in fresh.inner_text("#fa-source")
 
 
