@@ -30,7 +30,8 @@ READ_PLOTS = """Array.from(document.querySelectorAll('.js-plotly-plot')).map(el 
 PLAYBACK_STATE = """(() => {
     const gd = document.querySelector('#fa-playback .js-plotly-plot');
     if (!gd || !gd.layout.sliders || !gd.layout.sliders.length) return null;
-    const visible = gd.data.map((t, i) => [t, i]).filter(([t, i]) => i > 0 && t.visible !== false).map(([t, i]) => i - 1);
+    const visible = gd.data.map((t, i) => [t, i]).filter(([t, i]) => i > 0 && t.visible !== false)
+        .map(([t, i]) => i - 1);
     return {active: gd.layout.sliders[0].active, visible: visible, steps: gd.layout.sliders[0].steps.length};
 })()"""
 INSPECT_IDS = ["fa-lr", "fa-mask", "fa-grid", "fa-chart", "fa-overview", "fa-playback"]

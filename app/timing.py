@@ -90,8 +90,8 @@ def scale_timings(repeat: int, hr_grid: int = 72, lr_grid: int = 24, layers: int
     answer = Answer(text="x", mode="flex", token_ids=[0] * tokens, tokens=["x"] * tokens, stats=stats, trace=trace)
     state = new_session()
     state["answer"] = AnswerRecord(
-        answer=answer, question="q", view=figures.image_view(image), thumb=figures.image_view(image, figures.THUMB_SIDE),
-        image=image, text_config=llava_7b_config().text_config,
+        answer=answer, question="q", view=figures.image_view(image),
+        thumb=figures.image_view(image, figures.THUMB_SIDE), image=image, text_config=llava_7b_config().text_config,
         truth=GroundTruth([[100, 100, 300, 300]]))
     events = Events()
     med, worst = _time(lambda: events.render_layer(state, 3, 20), repeat * 4)

@@ -58,28 +58,48 @@ def upload_image(**kwargs) -> gr.Image:
     return image
 
 
-def setting_slider(name: str, minimum: float, maximum: float, **kwargs) -> gr.Slider:
-    """`gr.Slider` whose out-of-range values (from the API) are refused in words that name the setting:
-    "Selection threshold must be between 0 and 255, got 999", not Gradio's "Value 999 is greater than maximum
-    value 255." (The instance's method is replaced, as in `upload_image`.)"""
-    slider = gr.Slider(minimum, maximum, label=kwargs.pop("label", name), **kwargs)
-    stock = slider.preprocess
+def refuse_by_name(component, message):
+    """`component` whose rejected values (Gradio's checks, reached from the API) are refused with `message(value)`,
+    in words that name the setting, as one log line (Gradio's own errors say "Value 999 is greater than maximum
+    value 255." and print a traceback). The instance's method is replaced, as in `upload_image`."""
+    stock = component.preprocess
 
     def preprocess(payload):
         try:
             return stock(payload)
         except gr.Error:
-            raise rejected(f"{name} must be between {minimum:g} and {maximum:g}, got {payload}") from None
+            raise rejected(message(payload)) from None
 
-    slider.preprocess = preprocess
-    return slider
+    component.preprocess = preprocess
+    return component
+
+
+def setting_slider(name: str, minimum: float, maximum: float, **kwargs) -> gr.Slider:
+    """A slider refusing out-of-range values as "Selection threshold must be between 0 and 255, got 999"."""
+    slider = gr.Slider(minimum, maximum, label=kwargs.pop("label", name), **kwargs)
+    return refuse_by_name(slider, lambda value: f"{name} must be between {minimum:g} and {maximum:g}, got {value}")
+
+
+def setting_radio(name: str, choices: list[tuple[str, str]], **kwargs) -> gr.Radio:
+    """Radio buttons refusing other values as "Mode must be one of flex, lowres, select_all, got 'fast'"."""
+    values = ", ".join(value for _, value in choices)
+    radio = gr.Radio(choices, label=kwargs.pop("label", name), **kwargs)
+    return refuse_by_name(radio, lambda value: f"{name} must be one of {values}, got {value!r}")
 
 
 def index_slider(*args, **kwargs) -> gr.Slider:
     """`gr.Slider` picking an answer token or a layer: any whole number passes, and the views clamp it to the answer
     they show (its range changes with each answer, and an opened trace may have more layers than the model)."""
     slider = gr.Slider(*args, step=1, **kwargs)
-    slider.preprocess = lambda payload: None if payload is None else int(round(float(payload)))
+    name = kwargs.get("label", "The index")
+
+    def preprocess(payload):
+        try:
+            return None if payload is None else int(round(float(payload)))
+        except (TypeError, ValueError, OverflowError):
+            raise rejected(f"{name} must be a whole number, got {payload!r}") from None
+
+    slider.preprocess = preprocess
     return slider
 
 
@@ -143,8 +163,8 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                 image = upload_image(label="Image", sources=["upload", "clipboard"], height=320, elem_id="fa-image")
                 question = gr.Textbox(label="Question (Enter asks)", placeholder="What letter is on the red circle?",
                                       lines=1, max_lines=4, elem_id="fa-question")
-                mode = gr.Radio([("flex (FlexAttention)", "flex"), ("lowres (plain LLaVA-1.5)", "lowres"),
-                                 ("select_all (every HR token)", "select_all")], value="flex", label="Mode")
+                mode = setting_radio("Mode", [("flex (FlexAttention)", "flex"), ("lowres (plain LLaVA-1.5)", "lowres"),
+                                              ("select_all (every HR token)", "select_all")], value="flex")
                 avl_on = gr.Checkbox(False, label="A-VL: evict and skip image tokens while decoding",
                                      elem_id="fa-avl-on")
                 with gr.Row():
@@ -173,10 +193,10 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                     text_evict = setting_slider(
                         "Text evict rate", 0, 1, value=AVL_DEFAULTS.text_evict_rate, step=0.05,
                         label="Text evict rate (answer tokens beyond the budget)")
-                    selection_scores = gr.Radio(
-                        [("secondary (score every cached image token)", "secondary"),
-                         ("attended (the core only, cheaper)", "attended")],
-                        value=AVL_DEFAULTS.selection_scores, label="HR selection scores")
+                    selection_scores = setting_radio(
+                        "HR selection scores", [("secondary (score every cached image token)", "secondary"),
+                                                ("attended (the core only, cheaper)", "attended")],
+                        value=AVL_DEFAULTS.selection_scores)
                 if examples:
                     gr.Examples(
                         [[e.image, e.question] for e in examples], inputs=[image, question], label="Examples",

@@ -52,7 +52,8 @@ def unknown_line(words: Sequence[str]) -> str:
            f"about {them}"
 
 
-def no_selection_note(rec: AnswerRecord, layer: int) -> str:
+def no_selection_note(rec: AnswerRecord) -> str:
+    """Why a layer has no selection to draw."""
     if rec.mode == "lowres":
         return "lowres mode: no HR tokens"
     return f"layers before {rec.trace.selection_layer} do not select HR tokens"
@@ -103,7 +104,7 @@ class Inspector:
             title = (f"HR tokens selected at layer {layer} (used by layer {layer + 1}): "
                      f"{lt.selected_count} of {G * G}")
         else:
-            note = no_selection_note(rec, layer)
+            note = no_selection_note(rec)
             title = f"HR tokens selected at layer {layer} ({G}×{G} grid)"
         mask_fig = figures.mask_figure(view, lt.selected, title, boxes, note)
         return lr_fig, mask_fig, self.layer_markdown(rec, token, layer)
@@ -196,7 +197,7 @@ class Inspector:
                 if recalls is not None and boxes:
                     recall = selection_recall(lt.selected, rec.view.frame, boxes)
                     recalls[k, lt.layer] = np.nan if recall is None else recall
-        note = no_selection_note(rec, 0) if np.isnan(selected).all() else None
+        note = no_selection_note(rec) if np.isnan(selected).all() else None
         title = (f"The walk at a glance: every answer token (rows) at every layer (columns), "
                  f"{trace.hr_grid}×{trace.hr_grid} HR grid")
         return walk.overview_figure([clean(x) for x in rec.labels], selected, trace.hr_grid ** 2, recalls,
@@ -221,7 +222,7 @@ class Inspector:
                 recall = selection_recall(lt.selected, rec.view.frame, boxes) if boxes else None
                 caption += "" if recall is None else f" · target recall {recall:.0%}"
             steps.append(walk.PlaybackStep(walk.token_label(k, clean(rec.labels[k])), caption, lt.selected, boxes))
-        note = None if any(s.mask is not None for s in steps) else no_selection_note(rec, layer)
+        note = None if any(s.mask is not None for s in steps) else no_selection_note(rec)
         return walk.playback_figure(rec.view, steps, note)
 
     # ---- A-VL ----------------------------------------------------------------------------------------------

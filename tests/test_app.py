@@ -714,6 +714,9 @@ def test_launcher_fails_fast_with_the_loaders_one_line_error(tmp_path, capsys):
     assert launcher.main(["--model", str(tmp_path / "no-such-model")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot load model") and "no-such-model" in err[-1]
+    (tmp_path / "notes.npz").write_text("not a trace")
+    assert launcher.main(["--trace", str(tmp_path / "notes.npz")]) == 1  # before any model or server
+    assert capsys.readouterr().err.strip() == "error: notes.npz is not a flexattn trace file (not an .npz archive)"
 
 
 def test_upload_component_hands_the_cached_path_to_flexattn_untouched(images):
@@ -839,8 +842,10 @@ def test_rejected_inputs_are_one_log_line_without_a_traceback(launched, images, 
         client.predict("flex", 999, SELECTION_LAYER, 4, False, 1.0, 1.0, 0, api_name="/answer_turn")
     with pytest.raises(AppError, match="Max new tokens must be between 1 and 512, got 0"):
         client.predict("flex", 100, SELECTION_LAYER, 0, False, 1.0, 1.0, 0, api_name="/answer_turn")
+    with pytest.raises(AppError, match="Mode must be one of flex, lowres, select_all, got 'fast'"):
+        client.predict("fast", 100, SELECTION_LAYER, 4, False, 1.0, 1.0, 0, api_name="/answer_turn")
     lines = [r for r in caplog.records if r.name.startswith("app") and r.getMessage().startswith("rejected")]
-    assert len(lines) == 3 and all(r.exc_info is None for r in lines)
+    assert len(lines) == 4 and all(r.exc_info is None for r in lines)
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -992,6 +997,16 @@ def test_enter_asks_and_the_page_names_unknown_words_and_plays_the_walk(launched
         assert driver.play(page) == list(range(n))
         assert page.errors == []
         page.screenshot(path=str(ARTIFACTS / "walk.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_an_animated_gif_gets_a_notice_in_a_real_browser(launched, images):
+    driver = _browser_driver()
+    _, url = launched
+    with driver.browser() as chromium:
+        page = driver.open_page(chromium, url)
+        page.set_input_files("#fa-image input[type=file]", str(images["animated"]))
+        page.wait_for_function("document.body.innerText.includes('frames (an animation): only the first one is used')")
 
 
 @pytest.mark.browser
