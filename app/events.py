@@ -97,6 +97,10 @@ class Events(Inspector):
 
     @property
     def vlm(self):
+        return self.require_model()
+
+    @staticmethod
+    def require_model():
         """The served model; without one (a trace viewer), every event that needs it says so."""
         if not runtime.has_model():
             raise rejected(NO_MODEL, title="No model loaded")
@@ -163,7 +167,7 @@ class Events(Inspector):
     # ---- asking --------------------------------------------------------------------------------------------
     def start_turn(self, path: str | None, question: str, state: dict | None) -> tuple[list, dict]:
         """Check the inputs and show the question in the chat; the answer comes from `answer_turn`."""
-        _ = self.vlm  # no model: say so before looking at the inputs
+        self.require_model()  # no model: say so before looking at the inputs
         state = self.intake(path, state or new_session())
         try:
             question = check_question(question)
@@ -208,7 +212,7 @@ class Events(Inspector):
         the rates that follow it.
         """
         state = state or new_session()
-        _ = self.vlm  # no model: say so before anything else
+        self.require_model()  # no model: say so before anything else
         if image:
             state = self.intake(image, state)  # a no-op for the image the turn was started with
         if not state.get("pending") and question and question.strip():
@@ -372,7 +376,7 @@ class Events(Inspector):
         table, the cost chart, the per-mode pictures at (`token`, `layer`) and the session state keeping them.
 
         With `with_avl`, each mode runs twice, A-VL off then on (six runs, never more)."""
-        vlm = self.vlm
+        vlm = self.require_model()
         image_state = self.intake(path, new_session(), notify=False)  # notices were shown when the image came in
         try:
             question = check_question(question)

@@ -103,6 +103,7 @@ def describe(vlm: FlexVLM) -> dict:
     s = vlm.settings
     g = s.lowres_size // cfg.vision_config.patch_size
     return {
+        "loaded": True,
         "name": display_name(vlm.name),
         "device": str(vlm.device),
         "dtype": str(next(vlm.model.parameters()).dtype).replace("torch.", ""),
@@ -122,6 +123,7 @@ def describe_trace(opened: TraceFile) -> dict:
     """The same facts, as far as a trace file tells them, when the app serves one without a model."""
     trace, settings = opened.answer.trace, FlexSettings.from_dict(opened.answer.settings)
     return {
+        "loaded": False,
         "name": display_name(opened.answer.model) if opened.answer.model else "unknown",
         "layers": len(trace.passes[0]),
         "lowres_size": settings.lowres_size,

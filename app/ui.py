@@ -107,7 +107,7 @@ def header_markdown(info: dict) -> str:
     grids = (f"{info['layers']} layers · LR {info['lr_grid']}×{info['lr_grid']} tokens ({info['lowres_size']} px) · "
              f"HR {info['hr_grid']}×{info['hr_grid']} tokens ({info['hr_size']} px) · selection from layer "
              f"{info['selection_layer']}, threshold {info['threshold']:g}/255")
-    if "device" not in info:
+    if not info["loaded"]:
         return (f"### flexattn: where FlexAttention looks\n**No model loaded**: viewing a saved trace of "
                 f"`{info['name']}` · {grids}. Ask and Compare need a model: start `python app.py` without `--trace`.")
     return (f"### flexattn: where FlexAttention looks\nModel `{info['name']}` on **{info['device']}** "
@@ -133,15 +133,12 @@ def build_demo(events: Events | None = None, examples: list[Example] | None = No
                opened: TraceFile | None = None, opened_name: str = "") -> gr.Blocks:
     """The page for the shared model (`runtime.model()`), or, with no model loaded, for the `opened` trace file
     alone; `examples` default to assets/examples (none without a model)."""
-    loaded = runtime.has_model()
-    if loaded:
-        examples = load_examples() if examples is None else examples
-    else:
-        if opened is None:
-            raise ValueError("no model loaded and no trace to show")
-        examples = []
+    if not runtime.has_model() and opened is None:
+        raise ValueError("no model loaded and no trace to show")
+    info = runtime.describe(runtime.model()) if runtime.has_model() else runtime.describe_trace(opened)
+    loaded = info["loaded"]
+    examples = (load_examples() if examples is None else examples) if loaded else []
     events = events or Events(examples)
-    info = runtime.describe(runtime.model()) if loaded else runtime.describe_trace(opened)
     initial = events.show_trace(opened, opened_name) if opened is not None else new_session()
     figures.warm_up()
     n_layers, sel = info["layers"], info["selection_layer"]
