@@ -493,6 +493,7 @@ def save_model(model, tokenizer, out: Path, info: dict) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     ImageProcessor().save_pretrained(out)
+    info = {"trained_on": "synthetic", **info}  # what the model knows (flexattn.model_card reads it)
     (out / "training_info.json").write_text(json.dumps(info, indent=2))
 
 

@@ -1,37 +1,49 @@
 """Event functions: plain Python in, plain values (and plotly figures) out, so they can be called directly.
 
-Errors meant for the user are raised as `gr.Error`; notices are `gr.Info` / `gr.Warning` calls (both are
-harmless outside a running app). The per-browser-session state is a plain dict (see `new_session`); figures
-are always redrawn from the trace cached in it, never by running the model again.
+Errors meant for the user are raised as `gr.Error` made by `rejected`, which logs them as one line (a traceback
+is for unexpected errors only); notices are `gr.Info` / `gr.Warning` calls (both are harmless outside a running
+app). The per-browser-session state is a plain dict (see `new_session`); figures are always redrawn from the
+records kept in it (`app.views`), never by running the model again.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import gradio as gr
-import numpy as np
 from PIL import Image
 
 from flexattn import Answer, ImageError, PromptError
 from flexattn.avl import AVLSettings
-from flexattn.cost import flex_layer_extra_flops
 from flexattn.image import open_image
 from flexattn.prompt import check_question
+from flexattn.trace_file import TraceFile, TraceFileError, load_trace, save_trace
 
 from . import figures, runtime
-from .examples import Example, file_sha1, targets_by_sha1
-from .geometry import Frame, selection_recall
+from .examples import Example, GroundTruths, file_sha1
+from .records import AnswerRecord, CompareRecord
+from .views import Inspector, kib, unknown_line
 
 log = logging.getLogger(__name__)
 
 COMPARE_HEADERS = ["mode", "A-VL", "answer", "HR tokens attended (mean/layer)", "TFLOPs", "latency (s)",
                    "KV cache (KiB)", "visual attention ratio"]
 AVL_DEFAULTS = AVLSettings()  # the authors' rates; the page's A-VL sliders start here
+COMPARE_SIDE = 360  # px of the image in each per-mode picture (six copies with A-VL)
+KEEP_TRACE_FILES = 32  # saved trace files kept on the server (older ones are deleted)
+NO_MODEL = ("No model is loaded: this app was started to view a saved trace (python app.py --trace FILE). "
+            "Open other traces below, or start the app without --trace to ask questions.")
+
+
+def rejected(message: str, title: str = "Cannot do that") -> gr.Error:
+    """The error for an input the app refuses: one line in the log, no traceback, and the message on the page."""
+    log.info("rejected (%s): %s", title, message)
+    return gr.Error(message, title=title, print_exception=False)
 
 
 def avl_options(on: bool, vision_evict_rate: float = AVL_DEFAULTS.vision_evict_rate,
@@ -47,31 +59,27 @@ def avl_options(on: bool, vision_evict_rate: float = AVL_DEFAULTS.vision_evict_r
                            refresh_every=int(refresh_every), text_evict_rate=float(text_evict_rate),
                            selection_scores=str(selection_scores))
     except (TypeError, ValueError) as err:
-        raise gr.Error(f"A-VL: {err}", title="Cannot do that") from None
-
-
-def _kib(n: float) -> str:
-    return f"{n / 1024:,.1f} KiB"
+        raise rejected(f"A-VL: {err}") from None
 
 
 def new_session() -> dict:
-    """The per-session state: the current image, the conversation about it, and the last answer's trace."""
+    """The per-session state: the current image, the conversation about it, and the records the views draw."""
     return {
         "image_key": None,  # SHA-1 of the uploaded file's bytes
         "image_path": None,  # inside Gradio's upload cache; never sent back to the page
         "view": None,  # figures.ImageView (<= 1000 px) of the image
         "thumb": None,  # figures.ImageView (<= 128 px) for the small multiples
-        "targets": [],  # ground-truth boxes when the image is a known example
         "notices": [],
         "history": [],  # [(question, answer)] passed to the model for follow-ups
         "chat": [],  # the same conversation as chat messages
         "pending": None,  # the question being answered
-        "answer": None,  # the last answer: text, tokens, stats, trace, ...
+        "answer": None,  # records.AnswerRecord: the answer the Inspect views show (asked, or opened from a file)
+        "compare": None,  # records.CompareRecord: the last Compare, traced
     }
 
 
 def _error(err: Exception) -> gr.Error:
-    return gr.Error(str(err), title="Cannot do that")
+    return rejected(str(err))
 
 
 def _first_line(err: Exception) -> str:
@@ -79,23 +87,30 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-class Events:
-    def __init__(self, examples: Sequence[Example] = (), trace_passes: int | None = None):
-        self.targets = targets_by_sha1(list(examples))
+class Events(Inspector):
+    def __init__(self, examples: Sequence[Example] = (), trace_passes: int | None = None,
+                 traces_dir: str | Path | None = None):
+        self.truths = GroundTruths(list(examples))
         self._trace_passes = trace_passes
         self._rejected: dict[str, float] = {}  # upload path -> when image_changed last rejected it
+        self._traces_dir = Path(traces_dir) if traces_dir else None  # where "Save trace" writes (made on first use)
 
     @property
     def vlm(self):
-        return runtime.model()
+        return self.require_model()
 
-    @property
-    def n_layers(self) -> int:
-        return self.vlm.model.config.text_config.num_hidden_layers
+    @staticmethod
+    def require_model():
+        """The served model; without one (a trace viewer), every event that needs it says so."""
+        if not runtime.has_model():
+            raise rejected(NO_MODEL, title="No model loaded")
+        return runtime.model()
 
     # ---- image intake --------------------------------------------------------------------------------------
     def size_notices(self, image: Image.Image) -> list[str]:
-        """What the model's fixed views do to an image of this size."""
+        """What the model's fixed views do to an image of this size (nothing to say without a model)."""
+        if not runtime.has_model():
+            return []
         notes = []
         s = self.vlm.settings
         w, h = image.size
@@ -110,11 +125,11 @@ class Events:
     def intake(self, path: str | None, state: dict, notify: bool = True) -> dict:
         """Load and check the image at `path` (Gradio's upload cache); a new image starts a new conversation."""
         if not path:
-            raise gr.Error("Upload an image first (or pick an example).", title="No image")
+            raise rejected("Upload an image first (or pick an example).", title="No image")
         try:
             key = file_sha1(path)
         except OSError:
-            raise gr.Error("The uploaded file could not be read; please upload it again.", title="No image") from None
+            raise rejected("The uploaded file could not be read; please upload it again.", title="No image") from None
         if state.get("image_key") == key:
             state["image_path"] = path
             return state
@@ -127,7 +142,7 @@ class Events:
         fresh.update(
             image_key=key, image_path=path, view=figures.image_view(image),
             thumb=figures.image_view(image, figures.THUMB_SIDE, quality=75),
-            targets=self.targets.get(key, []), notices=opened.notices + self.size_notices(image),
+            notices=opened.notices + self.size_notices(image),
         )
         for note in fresh["notices"] if notify else ():
             gr.Info(note)
@@ -152,6 +167,7 @@ class Events:
     # ---- asking --------------------------------------------------------------------------------------------
     def start_turn(self, path: str | None, question: str, state: dict | None) -> tuple[list, dict]:
         """Check the inputs and show the question in the chat; the answer comes from `answer_turn`."""
+        self.require_model()  # no model: say so before looking at the inputs
         state = self.intake(path, state or new_session())
         try:
             question = check_question(question)
@@ -196,6 +212,7 @@ class Events:
         the rates that follow it.
         """
         state = state or new_session()
+        self.require_model()  # no model: say so before anything else
         if image:
             state = self.intake(image, state)  # a no-op for the image the turn was started with
         if not state.get("pending") and question and question.strip():
@@ -205,7 +222,7 @@ class Events:
                 raise _error(err) from None
         question = state.get("pending")
         if not question or not state.get("image_path"):
-            raise gr.Error("Ask a question about an image first.", title="Nothing to answer")
+            raise rejected("Ask a question about an image first.", title="Nothing to answer")
         try:
             avl_settings = avl_options(avl, vision_evict_rate, compute_skip_rate, refresh_every, text_evict_rate,
                                        selection_scores)
@@ -236,186 +253,115 @@ class Events:
             state["pending"] = None
             raise gr.Error(f"Generation failed ({_first_line(err)}). The app is still running; try again.",
                            title="Generation failed") from None
+        state["answer"] = self.record(result, question, state)
         state["history"] = [*state["history"], (question, result.text)]
         state["chat"] = [*chat, {"role": "assistant", "content": result.text or "(empty answer)"}]
-        state["answer"] = self.record(result, question)
         state["pending"] = None
+        if result.unknown_words:
+            gr.Warning(f"Unknown to this model: {', '.join(result.unknown_words)}.")
         yield state["chat"], state, self.stats_markdown(state["answer"])
 
-    def record(self, result: Answer, question: str) -> dict:
-        passes = len(result.trace.passes) if result.trace is not None else 0
-        labels = [result.tokens[k] if k < len(result.tokens) else "</s>" for k in range(passes)]
-        return {
-            "question": question,
-            "text": result.text,
-            "mode": result.mode,
-            "tokens": list(result.tokens),
-            "labels": labels,  # one per traced pass: the token that pass produced
-            "stats": result.stats,
-            "settings": result.settings,
-            "trace": result.trace,
-            "untrained": result.stats.untrained_hr_projections,
-            "text_config": self.vlm.model.config.text_config,  # for the per-layer cost; renders never touch the model
-        }
+    def record(self, result: Answer, question: str, state: dict) -> AnswerRecord:
+        """What the Inspect views draw for an answer asked here (ground truth only for an example's question)."""
+        return AnswerRecord(
+            answer=result, question=question, view=state["view"], thumb=state["thumb"], image=state["image_path"],
+            history=list(state["history"]), text_config=self.vlm.model.config.text_config,
+            truth=self.truths.lookup(state["image_key"], question),
+        )
 
-    def stats_markdown(self, rec: dict | None) -> str:
-        if not rec:
+    def stats_markdown(self, rec: AnswerRecord | None) -> str:
+        if rec is None:
             return ""
-        s = rec["stats"]
+        s = rec.stats
         lat = s.latency_s
-        sel = rec["settings"].get("selection_layer")
-        lines = [
-            f"**{rec['mode']}** · {s.generated_tokens} tokens · prompt {s.prompt_tokens} tokens "
+        sel = rec.answer.settings.get("selection_layer")
+        lines = [unknown_line(rec.answer.unknown_words)] if rec.answer.unknown_words else []
+        lines += [
+            f"**{rec.mode}** · {s.generated_tokens} token{'' if s.generated_tokens == 1 else 's'} · prompt "
+            f"{s.prompt_tokens} tokens "
             f"({s.lr_tokens} LR) · HR tokens attended per layer after layer {sel}: "
-            f"**{s.hr_attended_mean:.0f}** of {s.hr_tokens} ({s.hr_share:.0%})",
-            f"{s.tflops:.4g} TFLOPs · {lat.total:.2f} s in all: vision {lat.vision:.2f} s + generation "
-            f"{lat.generation:.2f} s (prefill {lat.prefill:.2f} s, {lat.decode_per_token * 1000:.0f} ms/token)",
+            f"**{s.hr_attended_mean:.0f}** of {s.hr_tokens} ({s.hr_share:.0%}) · {s.tflops:.4g} TFLOPs",
+            f"latency: total {lat.total:.2f} s = vision {lat.vision:.2f} s + generation {lat.generation:.2f} s "
+            f"(generation: prefill {lat.prefill:.2f} s, then {lat.decode_per_token * 1000:.0f} ms per token)",
         ]
         if s.avl is not None:
             a = s.avl
             full = a.kv_bytes_full_cache
-            lines.append(f"A-VL: KV cache **{_kib(s.kv_bytes)}** of {_kib(full)} without eviction "
+            lines.append(f"A-VL: KV cache **{kib(s.kv_bytes)}** of {kib(full)} without eviction "
                          f"({s.kv_bytes / full if full else 0:.0%}) · image tokens attended per decoding step "
                          f"{a.visual_attention_ratio * s.lr_tokens:.1f} of {s.lr_tokens} on average "
                          f"({a.visual_attention_ratio:.0%})")
         else:
-            lines.append(f"KV cache {_kib(s.kv_bytes)} (A-VL off: every token kept)")
+            lines.append(f"KV cache {kib(s.kv_bytes)} (A-VL off: every token kept)")
         if s.prefix_tokens_reused:
             lines.append(f"reused from an earlier question about this image: its features and the keys/values of "
                          f"{s.prefix_tokens_reused} prompt tokens")
-        if rec["untrained"] and rec["mode"] != "lowres":
+        if rec.untrained and rec.mode != "lowres":
             lines.append("⚠️ untrained HR projections: this checkpoint's HR keys/values are copies of k_proj/v_proj")
         return "  \n".join(lines)
 
-    # ---- inspecting (never runs the model) -----------------------------------------------------------------
-    def _pick(self, state: dict | None, token, layer) -> tuple[dict, int, int] | None:
-        rec = (state or {}).get("answer")
-        if not rec or rec["trace"] is None or not rec["trace"].passes:
-            return None
-        passes = rec["trace"].passes
-        token = int(np.clip(int(token or 0), 0, len(passes) - 1))
-        layer = int(np.clip(int(layer if layer is not None else 0), 0, len(passes[token]) - 1))
-        return rec, token, layer
+    # ---- the Inspect views, all at once -----------------------------------------------------------------------
+    def render_all(self, state: dict | None, layer: int):
+        """Every Inspect output for the state's answer (empty ones without an answer): the token slider back at the
+        first token, the layer slider fitted to the answer's layers, the views, and the A-VL panel shown only when
+        the answer used A-VL."""
+        n_tokens, n_layers = self.token_count(state), self.layer_count(state)
+        layer = int(min(max(int(layer or 0), 0), max(n_layers - 1, 0)))
+        token_slider = gr.Slider(minimum=0, maximum=max(n_tokens - 1, 1), value=0, interactive=n_tokens > 1)
+        layer_slider = gr.Slider(maximum=max(n_layers - 1, 1), value=layer) if n_layers else gr.Slider()
+        return (token_slider, layer_slider, self.source_markdown(state), self.render_overview(state),
+                self.render_playback(state, layer), *self.render_token(state, 0, layer),
+                *self.render_avl(state, 0, layer), gr.Column(visible=self.has_avl(state)))
 
-    def render_layer(self, state: dict | None, token: int, layer: int):
-        """Figures (1) and (2) for one token and layer: LR attention, and the HR tokens that layer selected."""
-        picked = self._pick(state, token, layer)
-        if picked is None:
-            return None, None, ""
-        rec, token, layer = picked
-        trace, view, boxes = rec["trace"], state["view"], state["targets"]
-        lt = trace.passes[token][layer]
-        label = _clean(rec["labels"][token])
-        S = trace.selection_layer
-        lr_fig = figures.attention_figure(
-            view, lt.lr_attention, f"Token {token} “{label}”: LR attention at layer {layer} ({trace.lr_grid}×{trace.lr_grid})",
-            boxes)
-        G = trace.hr_grid
-        if lt.selected is not None:
-            note = None if lt.selected.any() else "no HR token selected at this layer"
-            title = (f"HR tokens selected at layer {layer} (used by layer {layer + 1}): "
-                     f"{lt.selected_count} of {G * G}")
-        else:
-            note = ("lowres mode: no HR tokens" if rec["mode"] == "lowres"
-                    else f"layers before {S} do not select HR tokens")
-            title = f"HR tokens selected at layer {layer} ({G}×{G} grid)"
-        mask_fig = figures.mask_figure(view, lt.selected, title, boxes, note)
-        return lr_fig, mask_fig, self.layer_markdown(rec, token, layer, state)
+    def new_conversation(self, state: dict | None) -> tuple[dict, list, str]:
+        """Forget the conversation and the answer shown (the image stays)."""
+        state = dict(state or new_session())
+        state.update(history=[], chat=[], pending=None, answer=None)
+        return state, [], ""
 
-    def render_token(self, state: dict | None, token: int, layer: int):
-        """Everything for one token: figures (1)-(4), the layer text and the token strip."""
-        lr_fig, mask_fig, info = self.render_layer(state, token, layer)
-        picked = self._pick(state, token, layer)
-        if picked is None:
-            return None, None, None, None, "", ""
-        rec, token, layer = picked
-        trace = rec["trace"]
-        layers = trace.passes[token]
-        masks = [(lt.layer, lt.selected) for lt in layers if lt.selected is not None]
-        boxes = state["targets"]
-        recalls = [selection_recall(m, state["view"].frame, boxes) for _, m in masks] if boxes else None
-        grid_title = (f"Selection masks of every selecting layer, token {token} "
-                      f"(layer · HR tokens selected{' · target recall' if boxes else ''})")
-        grid_fig = figures.layers_grid_figure(state["thumb"], masks, boxes, recalls, grid_title)
-        attended = [lt.hr_attended for lt in layers]
-        mflops = layer_hr_mflops(rec["text_config"], rec["stats"].prompt_tokens + token, trace.selection_layer,
-                                 attended)
-        chart = figures.layers_chart_figure(
-            attended, trace.hr_grid ** 2, mflops, rec["stats"].flops, trace.selection_layer, None,
-            f"Token {token}: HR tokens attended and their cost, per layer")
-        return lr_fig, mask_fig, grid_fig, chart, info, self.tokens_markdown(rec, token)
+    # ---- trace files ---------------------------------------------------------------------------------------
+    def save_trace(self, state: dict | None) -> gr.File:
+        """Write the answer the Inspect views show to a trace file; the page shows it for download."""
+        rec: AnswerRecord | None = (state or {}).get("answer")
+        if rec is None or rec.trace is None:
+            raise rejected("Ask a question (or open a trace) first: there is no traced answer to save.",
+                           title="Nothing to save")
+        image = rec.image if isinstance(rec.image, Image.Image) else open_image(rec.image).image
+        directory = self._trace_directory()
+        slug = re.sub(r"[^a-z0-9]+", "-", rec.question.lower()).strip("-")[:40] or "question"
+        path = directory / f"flexattn-trace-{rec.mode}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.npz"
+        try:
+            save_trace(rec.answer, image, rec.question, path, history=rec.history, text_config=rec.text_config,
+                       ground_truth=rec.truth, image_size=(rec.view.frame.width, rec.view.frame.height))
+        except TraceFileError as err:
+            raise _error(err) from None
+        for old in sorted(directory.glob("*.npz"), key=lambda p: p.stat().st_mtime)[:-KEEP_TRACE_FILES]:
+            old.unlink(missing_ok=True)
+        return gr.File(value=str(path), visible=True)
 
-    def layer_markdown(self, rec: dict, token: int, layer: int, state: dict) -> str:
-        trace = rec["trace"]
-        lt = trace.passes[token][layer]
-        G = trace.hr_grid
-        parts = [f"Token {token} “{_clean(rec['labels'][token])}”, layer {layer}: attended "
-                 f"**{lt.hr_attended}** HR tokens ({lt.hr_attention_share:.1%} of its attention on HR)"]
-        if lt.selected is not None:
-            parts.append(f"selected **{lt.selected_count}** of {G * G} for layer {layer + 1}")
-        boxes = state.get("targets")
-        if boxes:
-            last = next((x for x in reversed(trace.passes[token]) if x.selected is not None), None)
-            recall = selection_recall(last.selected if last else None, state["view"].frame, boxes)
-            here = selection_recall(lt.selected, state["view"].frame, boxes)
-            text = "n/a (no selecting layer)" if recall is None else f"**{recall:.0%}** at layer {last.layer}"
-            parts.append(f"ground-truth target (green box): selection recall {text}"
-                         + ("" if here is None else f", {here:.0%} at this layer"))
-        return " · ".join(parts)
+    def _trace_directory(self) -> Path:
+        if self._traces_dir is None:
+            self._traces_dir = Path(tempfile.mkdtemp(prefix="flexattn-traces-"))
+        self._traces_dir.mkdir(parents=True, exist_ok=True)
+        return self._traces_dir
 
-    def tokens_markdown(self, rec: dict, token: int) -> str:
-        cells = []
-        for k, label in enumerate(rec["labels"]):
-            text = html.escape(_clean(label)) or "␣"
-            cells.append(f"<mark>{text}</mark>" if k == token else text)
-        more = len(rec["tokens"]) - len(rec["labels"])
-        tail = f" … (+{more} tokens not traced)" if more > 0 else ""
-        return "Answer tokens: " + " ".join(cells) + tail
+    def open_trace(self, path: str | None, state: dict | None) -> dict:
+        """Show a trace file in the Inspect views (no model needed); the conversation is left as it is."""
+        if not path:
+            raise rejected("Choose a trace file (.npz) saved by this app or by `python -m flexattn answer "
+                           "--save-trace`.", title="No trace file")
+        try:
+            opened = load_trace(path)
+        except TraceFileError as err:
+            raise rejected(str(err), title="Cannot open the trace") from None
+        return self.show_trace(opened, Path(path).name, state)
 
-    def token_count(self, state: dict | None) -> int:
-        rec = (state or {}).get("answer")
-        return len(rec["trace"].passes) if rec and rec["trace"] is not None else 0
-
-    def render_avl(self, state: dict | None, token: int, layer: int):
-        """The A-VL panel for one token and layer: the LR tokens' states over the image, KV memory per layer with
-        and without A-VL with visual tokens attended per decoding step, and a line of text. Without A-VL in
-        this answer: no figures, and a line saying so."""
-        picked = self._pick(state, token, layer)
-        if picked is None:
-            return None, None, ""
-        rec, token, layer = picked
-        s = rec["stats"]
-        if s.avl is None:
-            return None, None, (f"A-VL was off for this answer: its KV cache keeps every token "
-                                f"({_kib(s.kv_bytes)}). Switch A-VL on (left) and ask again to see which image "
-                                f"tokens each layer keeps.")
-        a, trace = s.avl, rec["trace"]
-        lt = trace.passes[token][layer]
-        label = _clean(rec["labels"][token])
-        if token == 0:
-            kind = "prefill: every image token attended (eviction follows it: see token 1)"
-        elif lt.avl_refresh:
-            kind = "refresh step: every cached image token attended, core re-ranked"
-        else:
-            kind = "ordinary step: core image tokens attended only"
-        state_fig = None
-        if lt.avl_state is not None:
-            state_fig = figures.avl_state_figure(
-                state["view"], lt.avl_state,
-                f"Token {token} “{label}”, layer {layer}: A-VL state of the "
-                f"{trace.lr_grid}×{trace.lr_grid} LR tokens",
-                state["targets"], refresh=bool(lt.avl_refresh) and token > 0)
-        chart = figures.avl_chart_figure(
-            s.kv_bytes_per_layer, a.kv_bytes_full_cache_per_layer, a.visual_attended_per_step, s.lr_tokens,
-            a.settings.refresh_every, current_step=token, current_layer=layer,
-            title="A-VL: KV memory at the end of the answer, and image tokens attended while decoding")
-        parts = [f"A-VL · token {token} “{label}”, layer {layer}: **{kind}**"]
-        if lt.avl_state is not None:
-            n = np.bincount(np.asarray(lt.avl_state).ravel(), minlength=3)
-            parts.append(f"evicted {n[0]} · secondary {n[1]} · core {n[2]} of {s.lr_tokens} LR tokens")
-        full = a.kv_bytes_full_cache
-        parts.append(f"KV cache {_kib(s.kv_bytes)} of {_kib(full)} ({s.kv_bytes / full if full else 0:.0%})")
-        return state_fig, chart, " · ".join(parts)
+    @staticmethod
+    def show_trace(opened: TraceFile, name: str, state: dict | None = None) -> dict:
+        """`state` with the opened trace as the answer the Inspect views show."""
+        state = dict(state or new_session())
+        state["answer"] = AnswerRecord.from_trace_file(opened, name)
+        return state
 
     # ---- compare ---------------------------------------------------------------------------------------------
     def compare(self, path: str | None, question: str, threshold: float | None = None,
@@ -424,11 +370,14 @@ class Events:
                 compute_skip_rate: float = AVL_DEFAULTS.compute_skip_rate,
                 refresh_every: int = AVL_DEFAULTS.refresh_every,
                 text_evict_rate: float = AVL_DEFAULTS.text_evict_rate,
-                selection_scores: str = AVL_DEFAULTS.selection_scores):
-        """The same question in all three modes (greedy, no history); yields the table as each run finishes.
+                selection_scores: str = AVL_DEFAULTS.selection_scores, state: dict | None = None,
+                token: int = 0, layer: int | None = None):
+        """The same question in all three modes (greedy, no history), traced; yields, as each run finishes, the
+        table, the cost chart, the per-mode pictures at (`token`, `layer`) and the session state keeping them.
 
-        With `with_avl`, each mode runs twice, A-VL off then on (six runs, never more), untraced."""
-        state = self.intake(path, new_session(), notify=False)  # notices were shown when the image came in
+        With `with_avl`, each mode runs twice, A-VL off then on (six runs, never more)."""
+        vlm = self.require_model()
+        image_state = self.intake(path, new_session(), notify=False)  # notices were shown when the image came in
         try:
             question = check_question(question)
         except PromptError as err:
@@ -437,44 +386,38 @@ class Events:
                           selection_scores)
         variants = (None, avl) if avl else (None,)
         runs = [(mode, variant) for mode in ("lowres", "flex", "select_all") for variant in variants]
+        trace_budget = max(1, (self._trace_passes or runtime.trace_passes(vlm)) // len(runs))
+        n_layers = vlm.model.config.text_config.num_hidden_layers
+        layer = vlm.settings.selection_layer + 1 if layer is None else layer
+        state = dict(state or new_session())
+        state["compare"] = record = CompareRecord(
+            question, figures.image_view(open_image(image_state["image_path"]).image, COMPARE_SIDE, quality=80),
+            self.truths.lookup(image_state["image_key"], question))
         rows: list[dict] = []
         for mode, run_avl in runs:
-            options = self.options(mode, threshold, selection_layer, max_new_tokens, trace=False, avl=run_avl)
+            options = self.options(mode, threshold, selection_layer, max_new_tokens, trace=trace_budget, avl=run_avl)
             try:
-                result = runtime.answer(state["image_path"], question, options)
+                result = runtime.answer(image_state["image_path"], question, options)
             except (ImageError, PromptError, ValueError) as err:
                 raise _error(err) from None
             except Exception as err:
                 log.exception("generation failed")
                 raise gr.Error(f"Generation failed in {mode} mode ({_first_line(err)}); the app is still running.",
                                title="Generation failed") from None
+            record.runs.append((mode + (" +A-VL" if run_avl is not None else ""), result))
             s = result.stats
             rows.append({"mode": mode, "avl": run_avl is not None, "answer": result.text,
                          "hr_attended_mean": s.hr_attended_mean, "hr_tokens": s.hr_tokens, "tflops": s.tflops,
                          "latency_s": s.latency_s.total, "kv_bytes": s.kv_bytes,
                          # without A-VL every decoding step attends to every LR image token
                          "visual_ratio": s.avl.visual_attention_ratio if s.avl is not None else 1.0})
-            yield compare_table(rows), figures.compare_figure(rows)
+            token_slider = gr.Slider(maximum=max(record.max_tokens - 1, 1), interactive=record.max_tokens > 1)
+            layer_slider = gr.Slider(maximum=n_layers - 1)
+            yield (compare_table(rows), figures.compare_figure(rows), self.render_compare(state, token, layer),
+                   token_slider, layer_slider, state)
 
 
 def compare_table(rows: Sequence[dict]) -> list[list]:
     return [[r["mode"], "on" if r.get("avl") else "off", r["answer"], f"{r['hr_attended_mean']:.0f} / {r['hr_tokens']}",
              float(f"{r['tflops']:.4g}"), round(r["latency_s"], 3), round(r.get("kv_bytes", 0) / 1024, 1),
              round(r.get("visual_ratio", 1.0), 3)] for r in rows]
-
-
-def layer_hr_mflops(text_config, kv_len: int, selection_layer: int, attended: Sequence[int]) -> list[float]:
-    """Per layer: the MFLOPs spent on the HR tokens it attended (HR key/value projections, scores, weighted sum),
-    from the project's cost model (the part of a layer's FlexAttention cost that grows with the HR tokens)."""
-    return [
-        (flex_layer_extra_flops(text_config, layer, kv_len, selection_layer, m)
-         - flex_layer_extra_flops(text_config, layer, kv_len, selection_layer, 0)) / 1e6
-        for layer, m in enumerate(attended)
-    ]
-
-
-_SPACE = re.compile(r"\s+")
-
-
-def _clean(token: str) -> str:
-    return _SPACE.sub(" ", token).strip()

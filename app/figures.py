@@ -66,8 +66,10 @@ class ImageView:
         return self.height / self.frame.height
 
 
-def image_view(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE, quality: int = 85) -> ImageView:
-    """Downscale (never upscale) to at most `max_side` px and encode as a base64 JPEG data URI."""
+def image_view(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE, quality: int = 85,
+               size: tuple[int, int] | None = None) -> ImageView:
+    """Downscale (never upscale) to at most `max_side` px and encode as a base64 JPEG data URI. `size`: the
+    original's (width, height) when `image` is already a smaller copy (a trace file's), else image.size."""
     w, h = image.size
     scale = min(1.0, max_side / max(w, h))
     small = image.convert("RGB")
@@ -76,23 +78,23 @@ def image_view(image: Image.Image, max_side: int = MAX_DISPLAY_SIDE, quality: in
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=quality)
     src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return ImageView(src, small.width, small.height, Frame(w, h))
+    return ImageView(src, small.width, small.height, Frame(*(size or (w, h))))
 
 
 # ---- building blocks ---------------------------------------------------------------------------------------
-def _image_trace(view: ImageView) -> go.Image:
+def image_trace(view: ImageView) -> go.Image:
     # x0/y0 = 0.5: display pixel i covers [i, i + 1], so the image spans [0, width] x [0, height].
     return go.Image(source=view.src, x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="skip", name="image")
 
 
-def _grid_placement(view: ImageView, n: int) -> dict:
+def grid_placement(view: ImageView, n: int) -> dict:
     """x0/dx/y0/dy that put an n x n grid's cells on the padded square, in display px."""
     fx, fy = view.frame.first_centre(n)
     c = view.frame.cell(n)
     return dict(x0=fx * view.sx, dx=c * view.sx, y0=fy * view.sy, dy=c * view.sy)
 
 
-def _square_ranges(view: ImageView) -> tuple[list[float], list[float]]:
+def square_ranges(view: ImageView) -> tuple[list[float], list[float]]:
     side = view.frame.side
     ox, oy = view.frame.offset
     x = [-ox * view.sx, (side - ox) * view.sx]
@@ -100,14 +102,14 @@ def _square_ranges(view: ImageView) -> tuple[list[float], list[float]]:
     return x, y
 
 
-def _image_axes(view: ImageView) -> tuple[dict, dict]:
-    xr, yr = _square_ranges(view)
+def image_axes(view: ImageView) -> tuple[dict, dict]:
+    xr, yr = square_ranges(view)
     xaxis = dict(range=xr, visible=False, constrain="domain", fixedrange=False)
     yaxis = dict(range=yr, visible=False, scaleanchor="x", scaleratio=1, constrain="domain")
     return xaxis, yaxis
 
 
-def _box_shapes(view: ImageView, boxes: Sequence[Sequence[float]], xref="x", yref="y", width=2) -> list[dict]:
+def box_shapes(view: ImageView, boxes: Sequence[Sequence[float]], xref="x", yref="y", width=2) -> list[dict]:
     return [
         dict(type="rect", xref=xref, yref=yref, x0=x0 * view.sx, y0=y0 * view.sy, x1=x1 * view.sx,
              y1=y1 * view.sy, line=dict(color=BOX_COLOUR, width=width), fillcolor="rgba(0,0,0,0)")
@@ -115,7 +117,7 @@ def _box_shapes(view: ImageView, boxes: Sequence[Sequence[float]], xref="x", yre
     ]
 
 
-def _frame_shape(view: ImageView, xref="x", yref="y") -> dict:
+def frame_shape(view: ImageView, xref="x", yref="y") -> dict:
     """Outline of the real image inside the padded square."""
     return dict(type="rect", xref=xref, yref=yref, x0=0, y0=0, x1=view.width, y1=view.height,
                 line=dict(color="rgba(255,255,255,0.6)", width=1, dash="dot"), fillcolor="rgba(0,0,0,0)")
@@ -126,7 +128,7 @@ def mask_values(mask: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(mask, dtype=bool), np.float32(1.0), np.float32(np.nan)).astype(np.float32)
 
 
-def _note(fig: go.Figure, text: str) -> None:
+def add_note(fig: go.Figure, text: str) -> None:
     fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
                        font=dict(size=14, color="white"), bgcolor="rgba(0,0,0,0.55)")
 
@@ -142,18 +144,18 @@ def attention_figure(view: ImageView, lr_attention: np.ndarray, title: str = "",
     if zmax <= zmin:
         zmax = zmin + 1e-6
     heat = go.Heatmap(  # min-max scaled colours, as the selection min-max normalises before thresholding
-        z=z, **_grid_placement(view, g), zmin=zmin, zmax=zmax, zsmooth=False,
+        z=z, **grid_placement(view, g), zmin=zmin, zmax=zmax, zsmooth=False,
         colorscale=ATTENTION_SCALE, showscale=True, name="LR attention",
         colorbar=dict(thickness=10, len=0.8, title=dict(text="attn", side="right")),
         hovertemplate="LR cell (%{customdata})<br>attention %{z:.4f}<extra></extra>",
-        customdata=_cell_labels(g),
+        customdata=cell_labels(g),
     )
-    xaxis, yaxis = _image_axes(view)
-    fig = go.Figure(data=[_image_trace(view), heat])
+    xaxis, yaxis = image_axes(view)
+    fig = go.Figure(data=[image_trace(view), heat])
     fig.update_layout(
         title=dict(text=title, font=dict(size=13)), xaxis=xaxis, yaxis=yaxis, height=IMAGE_HEIGHT,
         margin=dict(l=4, r=4, t=36, b=4), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
-        shapes=[_frame_shape(view), *_box_shapes(view, boxes)], dragmode="pan",
+        shapes=[frame_shape(view), *box_shapes(view, boxes)], dragmode="pan",
     )
     return fig
 
@@ -161,7 +163,7 @@ def attention_figure(view: ImageView, lr_attention: np.ndarray, title: str = "",
 _LABELS: dict[int, np.ndarray] = {}
 
 
-def _cell_labels(n: int) -> np.ndarray:
+def cell_labels(n: int) -> np.ndarray:
     """(n, n) strings 'row, col' for hover text (cached per grid size)."""
     if n not in _LABELS:
         r, c = np.indices((n, n))
@@ -173,23 +175,23 @@ def _cell_labels(n: int) -> np.ndarray:
 def mask_figure(view: ImageView, mask: np.ndarray | None, title: str = "", boxes: Sequence[Sequence[float]] = (),
                 note: str | None = None) -> go.Figure:
     """The image with the HR tokens a layer selected as ONE heatmap trace (NaN where unselected)."""
-    data: list = [_image_trace(view)]
+    data: list = [image_trace(view)]
     if mask is not None:
         G = mask.shape[0]
         data.append(go.Heatmap(
-            z=mask_values(mask), **_grid_placement(view, G), zmin=0.0, zmax=1.0, zsmooth=False,
+            z=mask_values(mask), **grid_placement(view, G), zmin=0.0, zmax=1.0, zsmooth=False,
             colorscale=[[0.0, MASK_COLOUR], [1.0, MASK_COLOUR]], showscale=False, hoverinfo="skip",
             name="selected HR tokens",
         ))
-    xaxis, yaxis = _image_axes(view)
+    xaxis, yaxis = image_axes(view)
     fig = go.Figure(data=data)
     fig.update_layout(
         title=dict(text=title, font=dict(size=13)), xaxis=xaxis, yaxis=yaxis, height=IMAGE_HEIGHT,
         margin=dict(l=4, r=4, t=36, b=4), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
-        shapes=[_frame_shape(view), *_box_shapes(view, boxes)], dragmode="pan", showlegend=False,
+        shapes=[frame_shape(view), *box_shapes(view, boxes)], dragmode="pan", showlegend=False,
     )
     if note:
-        _note(fig, note)
+        add_note(fig, note)
     return fig
 
 
@@ -207,7 +209,7 @@ def layers_grid_figure(thumb: ImageView, masks: Sequence[tuple[int, np.ndarray]]
         fig = go.Figure()
         fig.update_layout(height=160, xaxis=dict(visible=False), yaxis=dict(visible=False),
                           margin=dict(l=4, r=4, t=36, b=4), title=dict(text=title, font=dict(size=13)))
-        _note(fig, "no layer selected HR tokens in this mode")
+        add_note(fig, "no layer selected HR tokens in this mode")
         return fig
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
@@ -219,19 +221,19 @@ def layers_grid_figure(thumb: ImageView, masks: Sequence[tuple[int, np.ndarray]]
         titles.append(label)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.012,
                         vertical_spacing=0.06 if rows > 1 else 0.0)
-    xr, yr = _square_ranges(thumb)
+    xr, yr = square_ranges(thumb)
     shapes = []
     for i, (layer, mask) in enumerate(masks):
         r, c = divmod(i, cols)
-        fig.add_trace(_image_trace(thumb), row=r + 1, col=c + 1)
+        fig.add_trace(image_trace(thumb), row=r + 1, col=c + 1)
         G = mask.shape[0]
         fig.add_trace(go.Heatmap(
-            z=np.asarray(mask, dtype=np.uint8), **_grid_placement(thumb, G), zmin=0, zmax=1, zsmooth=False,
+            z=np.asarray(mask, dtype=np.uint8), **grid_placement(thumb, G), zmin=0, zmax=1, zsmooth=False,
             colorscale=[[0.0, "rgba(0,0,0,0)"], [0.5, "rgba(0,0,0,0)"], [0.5, MASK_COLOUR], [1.0, MASK_COLOUR]],
             showscale=False, hoverinfo="skip", name=f"layer {layer}",
         ), row=r + 1, col=c + 1)
         suffix = "" if i == 0 else str(i + 1)
-        shapes += _box_shapes(thumb, boxes, xref=f"x{suffix}", yref=f"y{suffix}", width=1)
+        shapes += box_shapes(thumb, boxes, xref=f"x{suffix}", yref=f"y{suffix}", width=1)
     fig.update_xaxes(range=xr, visible=False, constrain="domain")
     for i in range(n):
         suffix = "" if i == 0 else str(i + 1)
@@ -293,29 +295,29 @@ def avl_state_figure(view: ImageView, states: np.ndarray, title: str = "", boxes
     counts = np.bincount(z.ravel().clip(0, 2), minlength=3)
     names = np.array(AVL_STATES, dtype=object)[z.clip(0, 2)]
     heat = go.Heatmap(
-        z=z, **_grid_placement(view, g), zmin=-0.5, zmax=2.5, zsmooth=False, colorscale=AVL_SCALE, showscale=False,
-        name="A-VL state", text=names.tolist(), customdata=_cell_labels(g),
+        z=z, **grid_placement(view, g), zmin=-0.5, zmax=2.5, zsmooth=False, colorscale=AVL_SCALE, showscale=False,
+        name="A-VL state", text=names.tolist(), customdata=cell_labels(g),
         hovertemplate="LR cell (%{customdata})<br>%{text}<extra></extra>",
     )
     legend = " · ".join(f'<span style="color:{AVL_SWATCH[k]}">■</span> {AVL_STATES[k]} {counts[k]}'
                         for k in range(3))
     if refresh:
         legend += f" · <b>refresh</b>: all {counts[1] + counts[2]} cached attended"
-    xaxis, yaxis = _image_axes(view)
-    fig = go.Figure(data=[_image_trace(view), heat])
+    xaxis, yaxis = image_axes(view)
+    fig = go.Figure(data=[image_trace(view), heat])
     fig.update_layout(
         title=dict(text=title, font=dict(size=13)), xaxis=xaxis, yaxis=yaxis, height=IMAGE_HEIGHT,
         margin=dict(l=4, r=4, t=36, b=30), plot_bgcolor=PAD_COLOUR, paper_bgcolor="rgba(0,0,0,0)",
-        shapes=[_frame_shape(view), *_box_shapes(view, boxes)], dragmode="pan", showlegend=False,
+        shapes=[frame_shape(view), *box_shapes(view, boxes)], dragmode="pan", showlegend=False,
     )
     fig.add_annotation(text=legend, xref="paper", yref="paper", x=0.5, y=0, yanchor="top", yshift=-4,
                        showarrow=False, font=dict(size=12))
     if note:
-        _note(fig, note)
+        add_note(fig, note)
     return fig
 
 
-def _byte_unit(largest: float) -> tuple[str, float]:
+def byte_unit(largest: float) -> tuple[str, float]:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
         if largest >= size:
             return unit, size
@@ -332,7 +334,7 @@ def avl_chart_figure(held_per_layer: Sequence[int], full_per_layer: Sequence[flo
     Decoding step k (1-based) is the pass that produced answer token k; step k is a refresh step when
     k % refresh_every == 0, the rule the cache itself follows."""
     layers = list(range(len(held_per_layer)))
-    unit, size = _byte_unit(max([*full_per_layer, *held_per_layer, 1]))
+    unit, size = byte_unit(max([*full_per_layer, *held_per_layer, 1]))
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
                         subplot_titles=(f"KV cache per layer ({unit})", "Visual tokens attended per step"))
     fig.add_trace(go.Bar(x=layers, y=[b / size for b in full_per_layer], name="without A-VL (every token kept)",
@@ -374,7 +376,7 @@ def compare_figure(rows: Sequence[dict]) -> go.Figure:
     def colour(base: str) -> list[str]:
         return [AVL_SWATCH[1] if r.get("avl") else base for r in rows]
 
-    unit, size = _byte_unit(max([r.get("kv_bytes", 0) for r in rows] + [1]))
+    unit, size = byte_unit(max([r.get("kv_bytes", 0) for r in rows] + [1]))
     fig = make_subplots(rows=1, cols=3, subplot_titles=("TFLOPs", "latency (s)", f"KV cache ({unit})"),
                         horizontal_spacing=0.08)
     fig.add_trace(go.Bar(x=labels, y=[r["tflops"] for r in rows], marker_color=colour("#9467bd"), showlegend=False,

@@ -1,5 +1,8 @@
 """The one model the app serves, chosen at launch (never from the page), and the GPU entry points.
 
+There may be no model at all: `python app.py --trace FILE` serves a saved trace's views without one
+(`has_model()` is False, and the events that would run a model say so).
+
 On Hugging Face ZeroGPU Spaces the `spaces` package is importable and the functions that touch the model run
 under `spaces.GPU` (a forked worker; results come back pickled, so they hold CPU numpy arrays and plain Python
 only, which is what `flexattn.Answer` is). Everywhere else `gpu` returns the function unchanged.
@@ -12,8 +15,10 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from flexattn import EMBEDDED_MODEL, Answer, FlexVLM
+from flexattn import EMBEDDED_MODEL, Answer, FlexSettings, FlexVLM
+from flexattn.trace_file import TraceFile
 
 ENV_MODEL = "FLEXATTN_MODEL"
 GPU_SECONDS = 120  # per call, on ZeroGPU
@@ -39,9 +44,14 @@ def load_model(name: str | None = None, device=None, dtype=None) -> FlexVLM:
     return vlm
 
 
-def set_model(vlm: FlexVLM) -> None:
+def set_model(vlm: FlexVLM | None) -> None:
+    """Make `vlm` the shared model (None: serve without one)."""
     global _MODEL
     _MODEL = vlm
+
+
+def has_model() -> bool:
+    return _MODEL is not None
 
 
 def model() -> FlexVLM:
@@ -82,13 +92,19 @@ def trace_passes(vlm: FlexVLM, budget: int = TRACE_BUDGET_BYTES) -> int:
     return max(1, budget // per_pass)
 
 
+def display_name(name) -> str:
+    """A model's name for the page: the embedded model by its short name, anything else as given."""
+    return f"{EMBEDDED_MODEL.name} (embedded)" if Path(str(name)).resolve() == EMBEDDED_MODEL.resolve() else str(name)
+
+
 def describe(vlm: FlexVLM) -> dict:
     """Plain facts about the served model for the page header."""
     cfg = vlm.model.config
     s = vlm.settings
     g = s.lowres_size // cfg.vision_config.patch_size
     return {
-        "name": str(vlm.name),
+        "loaded": True,
+        "name": display_name(vlm.name),
         "device": str(vlm.device),
         "dtype": str(next(vlm.model.parameters()).dtype).replace("torch.", ""),
         "layers": cfg.text_config.num_hidden_layers,
@@ -99,4 +115,22 @@ def describe(vlm: FlexVLM) -> dict:
         "selection_layer": s.selection_layer,
         "threshold": float(s.threshold),
         "untrained_hr": bool(vlm.untrained_hr),
+        "card": vlm.card,
+    }
+
+
+def describe_trace(opened: TraceFile) -> dict:
+    """The same facts, as far as a trace file tells them, when the app serves one without a model."""
+    trace, settings = opened.answer.trace, FlexSettings.from_dict(opened.answer.settings)
+    return {
+        "loaded": False,
+        "name": display_name(opened.answer.model) if opened.answer.model else "unknown",
+        "layers": len(trace.passes[0]),
+        "lowres_size": settings.lowres_size,
+        "hr_size": settings.hr_size,
+        "lr_grid": trace.lr_grid,
+        "hr_grid": trace.hr_grid,
+        "selection_layer": trace.selection_layer,
+        "threshold": float(settings.threshold),
+        "untrained_hr": bool(settings.untrained_hr_projections),
     }

@@ -14,9 +14,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from flexattn import Answer
+from flexattn.trace_file import GroundTruth
+
 from . import runtime
 from .events import Events, new_session
 from .examples import load_examples
+from .records import AnswerRecord
 
 
 def _time(fn, repeat: int) -> tuple[float, float]:
@@ -33,16 +37,16 @@ def example_timings(events: Events, image: str, question: str, max_new_tokens: i
         _, state = events.start_turn(image, question, state)
         for _, state, _ in events.answer_turn(state, max_new_tokens=max_new_tokens):
             pass
-        events.render_token(state, 0, state["answer"]["trace"].selection_layer + 1)
+        events.render_token(state, 0, state["answer"].trace.selection_layer + 1)
         return state
 
     start = time.perf_counter()
     state = ask_and_draw(new_session())  # a new image: decoding, LR + HR encoding, generation, figures
     cold = time.perf_counter() - start
     rec = state["answer"]
-    n_tokens, n_layers = len(rec["trace"].passes), len(rec["trace"].passes[0])
+    n_tokens, n_layers = len(rec.trace.passes), len(rec.trace.passes[0])
     print(f"example question, new image, {n_tokens} tokens, answer + all figures: {cold:.2f} s "
-          f"(model latency {rec['stats'].latency_s.total:.2f} s)")
+          f"(model latency {rec.stats.latency_s.total:.2f} s)")
     warm, worst = _time(lambda: ask_and_draw(new_session()), repeat)
     print(f"same, image features cached: median {warm:.2f} s, worst {worst:.2f} s")
     layer = iter(range(10**9))
@@ -80,24 +84,28 @@ def scale_timings(repeat: int, hr_grid: int = 72, lr_grid: int = 24, layers: int
     from flexattn.synthetic import make_sample
 
     image = make_sample(0, "attribute").image.resize((1600, 1200), Image.Resampling.BICUBIC)  # photo-like size
-    state = new_session()
-    state.update(view=figures.image_view(image), thumb=figures.image_view(image, figures.THUMB_SIDE),
-                 targets=[[100, 100, 300, 300]])
     stats = SimpleNamespace(prompt_tokens=640, flops=Flops(vision=10**12, projector=10**10, llm=2 * 10**12,
-                                                           hr_attention=10**10))  # what the figures read
-    state["answer"] = {
-        "question": "q", "text": "x", "mode": "flex", "tokens": ["x"] * tokens, "labels": ["x"] * tokens,
-        "stats": stats, "settings": {}, "trace": trace, "untrained": False,
-        "text_config": llava_7b_config().text_config,
-    }
+                                                           hr_attention=10**10),
+                            untrained_hr_projections=False, avl=None, kv_bytes=0)  # what the views read
+    answer = Answer(text="x", mode="flex", token_ids=[0] * tokens, tokens=["x"] * tokens, stats=stats, trace=trace)
+    state = new_session()
+    state["answer"] = AnswerRecord(
+        answer=answer, question="q", view=figures.image_view(image),
+        thumb=figures.image_view(image, figures.THUMB_SIDE), image=image, text_config=llava_7b_config().text_config,
+        truth=GroundTruth([[100, 100, 300, 300]]))
     events = Events()
     med, worst = _time(lambda: events.render_layer(state, 3, 20), repeat * 4)
     print(f"7B scale (72x72 HR, 32 layers), layer slider: median {med * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
     med, worst = _time(lambda: events.render_token(state, 3, 20), repeat * 4)
     print(f"7B scale, token slider (all figures): median {med * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
+    med, worst = _time(lambda: events.render_all(state, 20), repeat * 2)
+    print(f"7B scale, a new answer's views (overview and playback included): median {med * 1000:.0f} ms, "
+          f"worst {worst * 1000:.0f} ms")
     out = events.render_token(state, 3, 20)
     sizes = [len(fig.to_json()) // 1024 for fig in out[:4]]
-    print(f"7B scale figure JSON sizes (KB): LR {sizes[0]}, mask {sizes[1]}, all layers {sizes[2]}, chart {sizes[3]}")
+    print(f"7B scale figure JSON sizes (KB): LR {sizes[0]}, mask {sizes[1]}, all layers {sizes[2]}, chart {sizes[3]}, "
+          f"overview {len(events.render_overview(state).to_json()) // 1024}, "
+          f"playback of {tokens} tokens {len(events.render_playback(state, 20).to_json()) // 1024}")
 
 
 def main(argv=None) -> int:

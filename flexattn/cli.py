@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from .pipeline import FlexVLM
 from .prompt import PromptError, check_question
 from .settings import COST_MODES, MODES, parse_modes
 from .synthetic import BENCHES
+from .trace_file import TraceFileError, save_trace
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +54,9 @@ def load_model(args, device: str | None = None) -> FlexVLM:
 
 def cmd_answer(args) -> int:
     image = load_image(args.image)  # fail fast on bad input, before a long model load
-    check_question(args.question)
+    question = check_question(args.question)
+    if args.save_trace and not Path(args.save_trace).parent.is_dir():
+        raise TraceFileError(f"cannot write the trace file {args.save_trace}: no such directory")
     vlm = load_model(args)
     if vlm.untrained_hr:
         print("note: this model's HR projections are untrained copies of k_proj/v_proj (training-free plug-in)",
@@ -61,17 +65,24 @@ def cmd_answer(args) -> int:
                    selection_layer=args.selection_layer, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, seed=args.seed)
     if args.json:
-        print(json.dumps(vlm.answer(image, args.question, **options).to_json(masks=args.masks)))
-        return 0
-    result = None
-    for part in vlm.stream(image, args.question, **options):
-        if isinstance(part, str):
-            print(part, end="", flush=True)
-        else:
-            result = part
-    s = result.stats
-    print(f"\n[{result.mode}] {s.generated_tokens} tokens, HR tokens attended per layer (first token): "
-          f"{s.hr_attended_per_layer}, {s.tflops:.4f} TFLOPs, {s.latency_s.total:.2f} s")
+        result = vlm.answer(image, question, **options)
+        print(json.dumps(result.to_json(masks=args.masks)))
+    else:
+        result = None
+        for part in vlm.stream(image, question, **options):
+            if isinstance(part, str):
+                print(part, end="", flush=True)
+            else:
+                result = part
+        s = result.stats
+        print(f"\n[{result.mode}] {s.generated_tokens} tokens, HR tokens attended per layer (first token): "
+              f"{s.hr_attended_per_layer}, {s.tflops:.4f} TFLOPs, {s.latency_s.total:.2f} s "
+              f"(vision {s.latency_s.vision:.2f} s + generation {s.latency_s.generation:.2f} s)")
+        if result.unknown_words:
+            print(f"unknown to this model: {', '.join(result.unknown_words)}")
+    if args.save_trace:
+        path = save_trace(result, image, question, args.save_trace, text_config=vlm.model.config.text_config)
+        print(f"trace saved to {path}", file=sys.stderr)
     return 0
 
 
@@ -164,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--json", action="store_true", help="print one JSON object")
     answer.add_argument("--masks", action="store_true",
                         help="with --json: every selected HR mask, per generated token and layer (row-major indices)")
+    answer.add_argument("--save-trace", default=None, metavar="FILE",
+                        help="also write the answer's whole trace, image and question to FILE (.npz; the app opens "
+                             "it with no model: python app.py --trace FILE)")
     answer.set_defaults(run=cmd_answer)
 
     ev = sub.add_parser("eval", help="accuracy, HR share, selection recall and TFLOPs per mode (and family)",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from .image import ImageProcessor
+from .model_card import read_training_info
 from .modeling import FlexLlavaForConditionalGeneration
 from .settings import FlexSettings
 
@@ -59,6 +60,7 @@ class LoadedModel:
     name: str
     layout: str  # "released" or "transformers"
     untrained_hr: bool
+    training_info: dict = field(default_factory=dict)  # the checkpoint's training_info.json (local ones), if any
 
 
 def default_device() -> torch.device:
@@ -106,6 +108,7 @@ def load(name: str | Path | None = None, device=None, dtype=None) -> LoadedModel
         raise
     except Exception as err:  # corrupt weights, missing files, shape mismatches
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(err)}") from err
+    loaded.training_info = read_training_info(name)
     loaded.model.to(device).eval()
     return loaded
 

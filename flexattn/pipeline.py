@@ -29,7 +29,8 @@ from .avl import AVLCache, AVLSettings, cache_nbytes_per_layer
 from .hr_features import HRFeatures
 from .image import ImageViews, load_image, make_views
 from .loading import LoadedModel, load
-from .prompt import check_question, conversation, tokenize_around_image
+from .model_card import model_card
+from .prompt import check_question, conversation, tokenize_around_image, unknown_words
 from .results import Answer, AnswerStats, AVLStats, Latency
 from .settings import FlexSettings, check_mode
 from .trace import TraceRecorder
@@ -131,6 +132,7 @@ class FlexVLM:
         self.name = loaded.name
         self.layout = loaded.layout
         self.untrained_hr = loaded.untrained_hr
+        self.card = model_card(loaded.training_info)  # what the model is and can answer, for people
         self._cache: OrderedDict[tuple, PreparedImage] = OrderedDict()
         self._cache_size = cache_size
         self.reuse_prefix = reuse_prefix  # follow-ups reuse the KV cache of the unchanged prompt prefix
@@ -331,6 +333,8 @@ class FlexVLM:
             stats=stats,
             trace=recorder.finish() if recorder else None,
             settings=settings.to_dict(),
+            unknown_words=unknown_words(self.tokenizer, question),
+            model=str(self.name),
         )
 
     def _stats(self, prepared: PreparedImage, state: FlexState, settings: FlexSettings, opts: AnswerOptions,

@@ -78,9 +78,25 @@ class AnswerStats:
         self.tflops = self.flops.total / 1e12
         self.hr_share = self.hr_attended_mean / self.hr_tokens if self.hr_tokens else 0.0
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "AnswerStats":
+        """The inverse of `dataclasses.asdict` (how `to_json` and trace files write stats); derived fields
+        (totals, tflops, hr_share) are computed again, not read."""
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.init and f.name in data}
+        latency = {k: v for k, v in data["latency_s"].items() if k != "total"}
+        values["latency_s"] = Latency(**latency)
+        values["flops"] = Flops(**{k: v for k, v in data["flops"].items() if k != "total"})
+        if data.get("avl") is not None:
+            avl = dict(data["avl"])
+            values["avl"] = AVLStats(**{**avl, "settings": AVLSettings(**avl["settings"])})
+        return cls(**values)
+
 
 @dataclass
 class Answer:
+    """One answer. `unknown_words`: parts of the question the model's tokenizer maps to its unknown token (the
+    model never saw them, so its answer cannot be about them); `model`: the name of the model that answered."""
+
     text: str
     mode: str
     token_ids: list[int]
@@ -88,12 +104,15 @@ class Answer:
     stats: AnswerStats
     trace: Trace | None = None
     settings: dict = field(default_factory=dict)
+    unknown_words: list[str] = field(default_factory=list)
+    model: str = ""
 
     def to_json(self, layers: bool = True, masks: bool = False) -> dict:
         """Plain-JSON view. `layers`: per-layer counts for the first token; `masks`: every selected HR mask, per
         generated token and layer, as sorted row-major indices into the HR grid."""
-        out = {"answer": self.text, "mode": self.mode, "token_ids": self.token_ids, "tokens": self.tokens,
-               "stats": dataclasses.asdict(self.stats), "settings": self.settings}
+        out = {"answer": self.text, "mode": self.mode, "model": self.model, "token_ids": self.token_ids,
+               "tokens": self.tokens, "unknown_words": self.unknown_words, "stats": dataclasses.asdict(self.stats),
+               "settings": self.settings}
         passes = self.trace.passes if self.trace is not None else []
         if layers and passes:
             out["layers"] = [

@@ -5,8 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
+
+from flexattn import EMBEDDED_MODEL
+from flexattn.prompt import unknown_words
 
 from .conftest import make_vlm, random_image, write_transformers_checkpoint
+
+EXAMPLES = EMBEDDED_MODEL.parent / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +60,39 @@ def test_answer_errors_are_one_line(checkpoint, tmp_path, args, message):
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: {out.stderr.strip().removeprefix('error: ')}"
     assert message in out.stderr and out.stderr.strip().count("\n") == 0  # checked before any model load
+
+
+def test_saved_trace_holds_exactly_the_masks_json_prints(checkpoint, tmp_path, capsys):
+    """`answer --save-trace FILE` and `load_trace` give back the masks `answer --json --masks` prints."""
+    from flexattn.cli import main
+    from flexattn.trace_file import load_trace
+
+    image = tmp_path / "wide.png"
+    random_image(120, 60, seed=7).save(image)
+    args = ["answer", "--model", str(checkpoint), "--image", str(image), "--question", "what colour is the cat ?",
+            "--max-new-tokens", "4"]
+    assert main([*args, "--json", "--masks"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["unknown_words"] == ["cat"] and any(printed["masks"][0].values())
+    trace_path = tmp_path / "run.npz"
+    assert main([*args, "--save-trace", str(trace_path)]) == 0
+    assert f"trace saved to {trace_path}" in capsys.readouterr().err
+    opened = load_trace(trace_path).answer.to_json(masks=True)
+    assert opened["masks"] == printed["masks"]
+    assert opened["answer"] == printed["answer"] and opened["unknown_words"] == ["cat"]
+    assert main([*args, "--save-trace", str(tmp_path / "no-such-dir" / "run.npz")]) == 2  # before loading a model
+    assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (EMBEDDED_MODEL / "tokenizer.json").is_file(), reason="no embedded model")
+def test_embedded_model_names_the_words_it_does_not_know(capsys):
+    """The embedded model's tokenizer knows every word of the app's example questions, and not "cat"."""
+    from flexattn.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)
+    examples = json.loads((EXAMPLES / "examples.json").read_text())
+    assert examples and all(unknown_words(tokenizer, e["question"]) == [] for e in examples)
+    image = EXAMPLES / examples[0]["image"]
+    assert main(["answer", "--image", str(image), "--question", "what colour is the cat ?", "--max-new-tokens", "2",
+                 "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["unknown_words"] == ["cat"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexattn.loading import ModelLoadError
+from flexattn.loading import EMBEDDED_MODEL, ModelLoadError
 from flexattn.pipeline import FlexVLM
 
 from .conftest import make_vlm, random_image, write_released_checkpoint, write_sentencepiece_tokenizer, write_transformers_checkpoint
@@ -110,3 +110,23 @@ def test_pickle_weights_load_only_with_weights_only(source, tmp_path):
     torch.save(state, path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError):
         FlexVLM.load(path)
+
+
+def test_model_card_says_what_a_checkpoint_was_trained_on(tmp_path):
+    from flexattn.model_card import model_card, read_training_info
+    from flexattn.synthetic import BENCHES, FAMILY_KINDS, QUESTION_TEMPLATES
+
+    card = model_card({"trained_on": "synthetic"})
+    kinds = [kind for family in BENCHES["synthetic"] for kind in FAMILY_KINDS[family]]
+    assert len(card.question_forms) == len(kinds) and "synthetic" in card.summary
+    for form, kind in zip(card.question_forms, kinds):  # the generator's templates, placeholders shown as ‹name›
+        assert form.replace("‹", "{").replace("›", "}") == QUESTION_TEMPLATES[kind]
+    generic = model_card({})
+    assert generic.question_forms == () and generic.trained_on is None
+    assert read_training_info(tmp_path) == {}  # no file
+    (tmp_path / "training_info.json").write_text("{not json")
+    assert model_card(read_training_info(tmp_path)) == generic
+    (tmp_path / "training_info.json").write_text('{"trained_on": "synthetic-long"}')
+    assert model_card(read_training_info(tmp_path)).question_forms == (card.question_forms[-1],)  # multi only
+    if (EMBEDDED_MODEL / "training_info.json").is_file():
+        assert model_card(read_training_info(EMBEDDED_MODEL)).trained_on == "synthetic"
