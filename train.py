@@ -249,7 +249,9 @@ class PatchStream(IterableDataset):
 
 class PatchHeads(nn.Module):
     """Per-token linear heads (after one LayerNorm) on tower features; 'none' is the last class. Colour and shape
-    heads are shared by HR and LR tokens so both views share one feature code."""
+    heads are shared by HR and LR tokens so both views share one feature code; row and column heads read each
+    token's place in its own 8 x 8 grid (the LR view's, or its HR crop's), so features keep position where content
+    is strong too (under shapes), linearly readable, as the LLM will need it."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -257,10 +259,13 @@ class PatchHeads(nn.Module):
         self.letter = nn.Linear(dim, len(LETTERS) + 1)
         self.colour = nn.Linear(dim, len(COLOURS) + 1)
         self.shape = nn.Linear(dim, len(SHAPES) + 1)
+        self.row = nn.Linear(dim, LR_GRID)
+        self.col = nn.Linear(dim, LR_GRID)
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.norm(feats)
-        return {"letter": self.letter(h), "colour": self.colour(h), "shape": self.shape(h)}
+        return {"letter": self.letter(h), "colour": self.colour(h), "shape": self.shape(h), "row": self.row(h),
+                "col": self.col(h)}
 
 
 def _tower_outputs(tower, heads, batch):
@@ -281,12 +286,18 @@ def tower_loss(hr_out, lr_out, batch) -> torch.Tensor:
     for key in ("colour", "shape"):
         loss = loss + F.cross_entropy(hr_out[key].flatten(0, 1), batch[f"hr_{key}"].flatten())
         loss = loss + F.cross_entropy(lr_out[key].flatten(0, 1), batch[f"lr_{key}"].flatten())
+    cells = torch.arange(LR_GRID * LR_GRID)
+    for out in (hr_out, lr_out):
+        for key, target in (("row", cells // LR_GRID), ("col", cells % LR_GRID)):
+            logits = out[key]
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.repeat(logits.shape[0]))
     return loss
 
 
 @torch.no_grad()
 def tower_accuracy(tower, heads, batches) -> dict[str, float]:
-    """Held-out per-token accuracy of each head: letters on letter patches, colour / shape on object tokens."""
+    """Held-out per-token accuracy of each head: letters on letter patches, colour / shape on object tokens, the
+    column of LR tokens on shapes."""
     counts: dict[str, list[int]] = {}
     for batch in batches:
         hr_out, lr_out = _tower_outputs(tower, heads, batch)
@@ -298,6 +309,11 @@ def tower_accuracy(tower, heads, batches) -> dict[str, float]:
                 c = counts.setdefault(f"{view}_{key}", [0, 0])
                 c[0] += int((pred == target)[on].sum())
                 c[1] += int(on.sum())
+        on = batch["lr_colour"] != len(COLOURS)  # LR tokens on shapes: does the column head read them?
+        pred = lr_out["col"].argmax(-1)
+        c = counts.setdefault("lr_column_on_shapes", [0, 0])
+        c[0] += int((pred == torch.arange(LR_GRID * LR_GRID) % LR_GRID)[on].sum())
+        c[1] += int(on.sum())
     return {k: c[0] / max(c[1], 1) for k, c in counts.items()}
 
 
@@ -511,8 +527,8 @@ def init_projector(model, tower_dir: str, cache: dict, n_images: int = 500) -> N
 
     linear_1's first rows become the tower's per-patch heads (letter / colour / shape logits) with the heads'
     LayerNorm folded in (the features are one shared vector plus a small content part, so every token has nearly
-    the same spread), then least-squares probes for the token's row and column one-hot: what the frozen position
-    table put in. The other rows start at zero (started at random, the LLM learned to ignore image content).
+    the same spread), then least-squares probes for the token's row and column (one-hot, and as numbers): what the
+    frozen position table put in. The other rows start at zero (started at random, the LLM learned to ignore image content).
     linear_2 is rescaled so projected tokens have RMS 1, the scale RMSNorm gives the text."""
     heads = {k: v.double() for k, v in torch.load(Path(tower_dir) / "patch_heads.pt", weights_only=True).items()}
     lr = cache["lr"][:n_images].double()  # (N, 64, D); float64 keeps the fits below reproducible to the bit in fp32
@@ -523,10 +539,20 @@ def init_projector(model, tower_dir: str, cache: dict, n_images: int = 500) -> N
     head_w = torch.cat([heads[f"{k}.weight"] for k in ("letter", "colour", "shape")])
     w = (head_w * heads["norm.weight"][None]) @ centre / spread
     b = head_w @ heads["norm.bias"] + torch.cat([heads[f"{k}.bias"] for k in ("letter", "colour", "shape")])
+    # Position probes: one-hot row and column logits, and the column and row as numbers (what comparing "left of"
+    # needs), fitted by least squares with the cells under shapes weighted as much as all the background cells:
+    # content dominates the features there, and a fit over mostly background would not read position at shapes.
     cells = torch.arange(LR_GRID * LR_GRID).repeat(lr.shape[0])
-    onehot = torch.cat([F.one_hot(cells // LR_GRID, LR_GRID), F.one_hot(cells % LR_GRID, LR_GRID)], 1).double()
+    row, col = cells // LR_GRID, cells % LR_GRID
+    under = torch.zeros(lr.shape[0], LR_GRID, LR_GRID, dtype=torch.bool)
+    for i, shapes in enumerate(cache["shapes"][: lr.shape[0]]):
+        under[i] |= torch.from_numpy(cells_of([s.box for s in shapes], LR_GRID))
+    under = under.flatten()
+    weight = torch.where(under, (~under).sum() / under.sum().clamp_min(1), torch.ones(())).double().sqrt()
+    target = torch.cat([F.one_hot(row, LR_GRID) * 4.0 - 2, F.one_hot(col, LR_GRID) * 4.0 - 2,
+                        ((torch.stack([col, row], 1) - (LR_GRID - 1) / 2) * 4 / LR_GRID)], 1).double()
     xs = torch.cat([lr.flatten(0, 1), torch.ones(len(cells), 1, dtype=torch.float64)], 1)
-    probe = torch.linalg.lstsq(xs, onehot * 4 - 2).solution  # (D + 1, 16): +-2 logits
+    probe = torch.linalg.lstsq(xs * weight[:, None], target * weight[:, None]).solution  # (D + 1, 18)
     w = torch.cat([w, probe[:-1].T]).float()
     b = torch.cat([b, probe[-1]]).float()
     x = x.float()
@@ -739,8 +765,8 @@ def _line(result: dict) -> str:
 
 # ==== 3. alignment ==================================================================================================
 # Projector and LLM learn to read LR image tokens on questions the LR view answers: colour of the only <shape>, shape
-# of the only <colour> shape, and which of two named shapes is left of the other (the position table makes that
-# readable). Lowres mode; the attention loss pulls each answering row's LR attention onto the shapes it names.
+# of the only <colour> shape, which half of the image a shape is in, and which of two named shapes is left of the
+# other (the tower's positions make that readable). Lowres mode; the attention loss pulls each answering row's LR attention onto the shapes it names.
 
 
 @dataclass
@@ -757,7 +783,7 @@ class AlignConfig:
     seed: int = 0
 
 
-ALIGN_MIX = {"ctl_colour": 0.3, "ctl_shape": 0.3, "ctl_spatial": 0.4}
+ALIGN_MIX = {"ctl_colour": 0.2, "ctl_shape": 0.2, "ctl_side": 0.2, "ctl_spatial": 0.4}
 
 
 def align(cfg: AlignConfig) -> dict:

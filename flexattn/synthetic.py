@@ -16,7 +16,7 @@ Question families (each answer token needs one region that LR cues find and only
              -> "k p e": each answer token reads a different shape (2-3 targets; 4-6 in the long set)
 Control kinds, answerable from the LR view alone, share the vocabulary (training uses them):
   ctl_colour "what colour is the circle ?"   ctl_shape "what shape is the red shape ?"
-  ctl_spatial "is the red circle left or right of the blue square ?"
+  ctl_side "is the red circle on the left or right ?"  ctl_spatial "is the red circle left or right of the blue square ?"
 
 Every question carries, per answer token, the shapes that token is about (`Question.targets`; a
 spatial answer is about both named shapes) and which shapes it names by their letter (`by_letter`),
@@ -96,9 +96,10 @@ QUESTION_TEMPLATES = {
     "ctl_colour": "what colour is the {shape} ?",
     "ctl_shape": "what shape is the {colour} shape ?",
     "ctl_spatial": "is the {colour} {shape} left or right of the {colour2} {shape2} ?",
+    "ctl_side": "is the {colour} {shape} on the left or right ?",
 }
 FAMILY_KINDS = {"attribute": ("letter_of", "colour_of"), "spatial": ("spatial",), "multi": ("multi",)}
-CONTROL_KINDS = ("ctl_colour", "ctl_shape", "ctl_spatial")
+CONTROL_KINDS = ("ctl_colour", "ctl_shape", "ctl_side", "ctl_spatial")
 SPATIAL_ANSWERS = ("left", "right")
 
 # LLaVA v1 conversation prompt words (lowercased by the tokenizer's normalizer).
@@ -394,6 +395,13 @@ def ask(shapes: list[Shape], kind: str, rng: np.random.Generator, *, target: int
         chosen = [int(i) for i in rng.permutation(n)[:k]]
         text = QUESTION_TEMPLATES[kind].format(shapes=_shape_list([shapes[i].name for i in chosen]))
         return Question(kind, text, " ".join(shapes[i].letter for i in chosen), tuple((i,) for i in chosen))
+    if kind == "ctl_side":  # which half of the image a shape is in, for shapes clearly in one
+        sides = [i for i in range(n) if abs(shapes[i].centre[0] - HR_SIZE / 2) >= SPATIAL_MIN_DX / 2]
+        if not sides:
+            return None
+        s = shapes[sides[int(rng.integers(len(sides)))]]
+        text = QUESTION_TEMPLATES[kind].format(colour=s.colour, shape=s.kind)
+        return Question(kind, text, "left" if s.centre[0] < HR_SIZE / 2 else "right", ((shapes.index(s),),))
     if kind in ("ctl_colour", "ctl_shape"):  # the only shape of its kind (colour): ask its colour (kind)
         key = (lambda s: s.kind) if kind == "ctl_colour" else (lambda s: s.colour)
         values = [key(s) for s in shapes]
