@@ -24,17 +24,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float16 on a GPU for the released 7B, see docs/gpu-and-spaces.md")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
     from flexattn import ModelLoadError
 
     from app import runtime, ui
 
     try:
-        runtime.load_model(runtime.choose_model(args.model), device=args.device)
+        runtime.load_model(runtime.choose_model(args.model), device=args.device,
+                           dtype=getattr(torch, args.dtype) if args.dtype else None)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -438,10 +438,14 @@ class Events:
         variants = (None, avl) if avl else (None,)
         runs = [(mode, variant) for mode in ("lowres", "flex", "select_all") for variant in variants]
         rows: list[dict] = []
+        results = runtime.compare(state["image_path"], question, [  # one GPU call for every run
+            self.options(mode, threshold, selection_layer, max_new_tokens, trace=False, avl=run_avl)
+            for mode, run_avl in runs])
         for mode, run_avl in runs:
-            options = self.options(mode, threshold, selection_layer, max_new_tokens, trace=False, avl=run_avl)
             try:
-                result = runtime.answer(state["image_path"], question, options)
+                result = next(results)
+            except gr.Error:
+                raise
             except (ImageError, PromptError, ValueError) as err:
                 raise _error(err) from None
             except Exception as err:
