@@ -6,7 +6,7 @@ keeps per image (`PreparedImage`). `python -m flexattn memory` prints them; the 
 pipeline sizes its image cache with them.
 
 For the released 7B (LLaMA 6.74 B + k/v_proj_hd 1.07 B + projector 0.02 B + CLIP-L/336 0.30 B = 8.14 B
-parameters) in float16: 16.3 GB of weights; one image keeps at most 2.3 GB (4.7 MB LR and 42 MB HR features, 85 MB
+parameters) in float16: 16.3 GB of weights; one image keeps at most 2.4 GB (4.7 MB LR and 42 MB HR features, 85 MB
 of HR keys/values for each of the 23 layers after the selection layer, 0.5 MB of prompt keys/values per token).
 """
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from .modeling import FlexLlavaForConditionalGeneration
+from .settings import MAX_NEW_TOKENS
 
 GB = 10**9
 # Half of the memory free after the weights holds cached images; the other half is headroom for the answer being
 # generated (its KV cache, activations, the per-layer HR tensors it gathers) and for allocator fragmentation.
 IMAGE_CACHE_SHARE = 0.5
 PROMPT_TEXT_TOKENS = 128  # text tokens around the image assumed for one image's prompt-prefix cache
-MAX_ANSWER_TOKENS = 512  # the pipeline's limit on new tokens (pipeline.MAX_NEW_TOKENS)
 CUDA_CONTEXT_BYTES = 600 * 10**6  # CUDA context + cuBLAS workspace, outside PyTorch's allocator (typical)
 # Nominal device memory (GB) of the cards people run this on; ZeroGPU's default "large" size is half an
 # RTX Pro 6000 Blackwell.
@@ -155,7 +155,7 @@ def needs(config, settings, dtype: torch.dtype) -> MemoryNeeds:
     g = settings.lowres_size // config.vision_config.patch_size
     prompt = g * g + PROMPT_TEXT_TOKENS
     # One answer: its KV cache (prompt + longest answer) and the per-layer gather of every HR key and value.
-    answer = kv_bytes_per_token(text, dtype) * (prompt + MAX_ANSWER_TOKENS) + image.hr_keys_values_per_layer
+    answer = kv_bytes_per_token(text, dtype) * (prompt + MAX_NEW_TOKENS) + image.hr_keys_values_per_layer
     largest = max(text.vocab_size * text.hidden_size, text.intermediate_size * text.hidden_size)
     return MemoryNeeds(params, dtype, sum(params.values()) * dtype_bytes(dtype), image.worst(prompt), answer,
                        largest * 4)  # checkpoints may store fp32

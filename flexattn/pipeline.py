@@ -31,10 +31,8 @@ from .loading import LoadedModel, load
 from .memory import DeviceMemoryError
 from .prompt import check_question, conversation, tokenize_around_image
 from .results import Answer, AnswerStats, AVLStats, Latency
-from .settings import FlexSettings, check_mode
+from .settings import MAX_NEW_TOKENS, FlexSettings, check_mode
 from .trace import TraceRecorder
-
-MAX_NEW_TOKENS = 512
 
 
 @dataclass
@@ -155,12 +153,12 @@ class FlexVLM:
     """The model with its tokenizer, processor and per-image caches.
 
     cache_size: at most this many images keep their features and keys/values between questions.
-    cache_bytes: how many device bytes they may hold together; None: on a GPU, half the memory free once the
+    cache_budget: how many device bytes they may hold together; None: on a GPU, half the memory free once the
         weights are loaded (measured at the first question), on the CPU no limit but `cache_size`.
     """
 
     def __init__(self, loaded: LoadedModel, cache_size: int = 4, lazy_hr: bool = False, reuse_prefix: bool = True,
-                 cache_bytes: int | None = None):
+                 cache_budget: int | None = None):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
@@ -170,7 +168,7 @@ class FlexVLM:
         self.needs = loaded.needs
         self._cache: OrderedDict[tuple, PreparedImage] = OrderedDict()
         self._cache_size = cache_size
-        self._cache_bytes = cache_bytes
+        self._cache_budget = cache_budget
         self.reuse_prefix = reuse_prefix  # follow-ups reuse the KV cache of the unchanged prompt prefix
         self.lazy_hr = lazy_hr  # encode HR crops only when a selection touches them (same outputs, less vision)
         self._lock = threading.RLock()  # one generation at a time per model (state is per call; the GPU is not)
@@ -196,8 +194,8 @@ class FlexVLM:
         zoom = zoom or s.zoom
         hr_size = s.hr_size if zoom == s.zoom else s.lowres_size * zoom
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, s.lowres_size, hr_size, zoom)
-        prepared = self._cache.get(key)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():  # eviction releases tensors: never under a running question
+            prepared = self._cache.get(key)
             if prepared is None:
                 views = make_views(image, self.processor, s.lowres_size, zoom, hr_size)
                 lr = self.model.encode_lowres(views)
@@ -206,18 +204,18 @@ class FlexVLM:
                 self._cache[key] = prepared
             if highres and not lazy:
                 prepared.hr.full()
-        self._cache.move_to_end(key)
-        self._evict(keep=key, zoom=zoom)
+            self._cache.move_to_end(key)
+            self._evict(keep=key, zoom=zoom)
         return prepared
 
     @property
-    def cache_bytes(self) -> int | None:
+    def cache_budget(self) -> int | None:
         """The byte budget of cached images (see the class docstring); measured once, on first use."""
-        if self._cache_bytes is None:
+        if self._cache_budget is None:
             free = memory.free_device_bytes(self.device)
             if free is not None:
-                self._cache_bytes = memory.image_cache_budget(free + self.cached_bytes)
-        return self._cache_bytes
+                self._cache_budget = memory.image_cache_budget(free + self.cached_bytes)
+        return self._cache_budget
 
     @property
     def cached_bytes(self) -> int:
@@ -226,7 +224,7 @@ class FlexVLM:
     def _evict(self, keep: tuple, zoom: int) -> None:
         """Drop least recently used images beyond `cache_size`, and while the others and the worst the image being
         asked about can grow to (every HR key/value projected, a long prompt) exceed the byte budget."""
-        budget = self.cache_bytes
+        budget = self.cache_budget
         worst = 0
         if budget is not None:
             settings = self.settings.with_overrides(zoom=zoom)
@@ -244,9 +242,10 @@ class FlexVLM:
 
     def clear_cache(self) -> None:
         """Release every cached image (after running out of memory, or to start afresh)."""
-        for prepared in self._cache.values():
-            prepared.release()
-        self._cache.clear()
+        with self._lock:
+            for prepared in self._cache.values():
+                prepared.release()
+            self._cache.clear()
 
     def prompt_embeds(self, prepared: PreparedImage, question: str, history=()) -> tuple[torch.Tensor, int]:
         """(1, T, D) input embeddings of the v1 prompt with the LR features in place of <image>, and where they start."""

@@ -67,7 +67,6 @@ class TraceRecorder:
         self._pending: list[tuple[int, str, torch.Tensor]] = []  # (layer, field, flat float32) of this pass
         self._copies: list[tuple[int, list[tuple[int, str, int]], torch.Tensor, object]] = []  # one per pass
         self._records: dict[tuple[int, int], dict] = {}  # host values: (pass, layer) -> field -> value
-        self.host_copies = 0  # device-to-host copies made (one per recorded pass)
 
     def _active(self, state) -> bool:
         return self.max_passes is None or state.pass_index < self.max_passes
@@ -125,7 +124,6 @@ class TraceRecorder:
             done.record()
         else:
             host = flat.cpu()
-        self.host_copies += 1
         self._copies.append((self._pass, layout, host, done))
         self._pending = []
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app import runtime
+from app.events import Events, new_session
 from flexattn import DeviceMemoryError, memory
 from flexattn.bench.syncs import HostReads
 from flexattn.pipeline import FlexVLM
@@ -97,21 +98,21 @@ def test_images_are_evicted_to_the_byte_budget_and_released(image):
     per_image = memory.image_cache_bytes(vlm.model.config, vlm.settings, vlm.model.dtype)
     worst = per_image.worst(old.lr_grid**2 + memory.PROMPT_TEXT_TOKENS)  # what a new image may grow to
     held = old.nbytes
-    vlm._cache_bytes = worst + held // 2  # room for a new image at its worst, not beside the old one
+    vlm._cache_budget = worst + held // 2  # room for a new image at its worst, not beside the old one
     vlm.answer(other, QUESTION, mode="select_all", max_new_tokens=2)
-    assert len(vlm._cache) == 1 and vlm.cached_bytes <= vlm._cache_bytes
+    assert len(vlm._cache) == 1 and vlm.cached_bytes <= vlm._cache_budget
     assert old.prompt_cache is None and old.hr.nbytes == old.hr._buffer.nbytes  # released, not just forgotten
-    vlm._cache_bytes = worst + 2 * held  # with room, both stay
+    vlm._cache_budget = worst + 2 * held  # with room, both stay
     vlm.answer(image, QUESTION, mode="select_all", max_new_tokens=2)
     assert len(vlm._cache) == 2
 
 
 def test_cache_budget_is_half_the_free_device_memory(monkeypatch):
     vlm = make_vlm(seed=2, num_layers=3, selection_layer=1, lowres_size=56, threshold=100)
-    assert vlm.cache_bytes is None  # on the CPU: only the count limit
+    assert vlm.cache_budget is None  # on the CPU: only the count limit
     monkeypatch.setattr(memory, "free_device_bytes", lambda device: 8 * 10**9)
     vlm.prepare(random_image(60, 60))
-    assert vlm.cache_bytes == 4 * 10**9 + vlm.cached_bytes // 2
+    assert vlm.cache_budget == 4 * 10**9 + vlm.cached_bytes // 2
 
 
 def test_follow_up_from_the_compact_prefix_answers_as_a_fresh_prompt(vlm, image):
@@ -199,12 +200,15 @@ def test_compare_is_one_gpu_call_and_errors_are_gr_errors_inside(served, image, 
         runtime.answer(str(path), QUESTION, runs[0])
 
 
-def test_closing_the_app_stream_cancels_generation(served, image, passes, tmp_path):
+def test_closing_the_pages_answer_event_cancels_generation(served, image, passes, tmp_path):
+    """Gradio closes an event's generator when the page goes away; the model's stream closes with it."""
     path = tmp_path / "image.png"
     image.save(path)
-    stream = runtime.stream_answer(str(path), QUESTION, {"max_new_tokens": 512, "trace": False})
-    next(stream), next(stream)
+    events = Events()
+    _, state = events.start_turn(str(path), QUESTION, new_session())
+    turn = events.answer_turn(state, max_new_tokens=512)
+    next(turn), next(turn)
     at_close = passes["n"]
-    stream.close()
+    turn.close()
     assert passes["n"] - at_close <= 2 and served._lock.acquire(blocking=False)
     served._lock.release()
