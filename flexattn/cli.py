@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "models)")
     be.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     be.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default: bfloat16 on CUDA; on the CPU bfloat16 for 7b-shaped where the CPU has native "
-                         "bf16 matmuls, else float32")
+                    help="default: for 7b-shaped bfloat16 where the GPU or CPU has it natively, else float16 on "
+                         "CUDA and float32 on the CPU; checkpoints: the loader's choice")
     be.add_argument("--html", default="bench.html", help="chart file (default bench.html; '' for none)")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.set_defaults(run=cmd_bench)
