@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--trace", default=None, metavar="FILE",
                         help="open with this saved trace's views; without --model, no model is loaded")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float16 on a GPU for the released 7B, see docs/gpu-and-spaces.md")
     return parser.parse_args(argv)
 
 
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("app").setLevel(logging.INFO)  # one line per rejected input
+    import torch
+
     from flexattn import ModelLoadError
     from flexattn.trace_file import TraceFileError, load_trace
 
@@ -45,7 +49,8 @@ def main(argv=None) -> int:
     try:
         opened = load_trace(args.trace) if args.trace else None
         if opened is None or args.model:
-            runtime.load_model(runtime.choose_model(args.model), device=args.device)
+            runtime.load_model(runtime.choose_model(args.model), device=args.device,
+                               dtype=getattr(torch, args.dtype) if args.dtype else None)
     except (ModelLoadError, TraceFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

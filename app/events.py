@@ -394,10 +394,14 @@ class Events(Inspector):
             question, figures.image_view(open_image(image_state["image_path"]).image, COMPARE_SIDE, quality=80),
             self.truths.lookup(image_state["image_key"], question))
         rows: list[dict] = []
+        results = runtime.compare(image_state["image_path"], question, [  # one GPU call for every run
+            self.options(mode, threshold, selection_layer, max_new_tokens, trace=trace_budget, avl=run_avl)
+            for mode, run_avl in runs])
         for mode, run_avl in runs:
-            options = self.options(mode, threshold, selection_layer, max_new_tokens, trace=trace_budget, avl=run_avl)
             try:
-                result = runtime.answer(image_state["image_path"], question, options)
+                result = next(results)
+            except gr.Error:
+                raise
             except (ImageError, PromptError, ValueError) as err:
                 raise _error(err) from None
             except Exception as err:

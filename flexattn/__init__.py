@@ -9,6 +9,7 @@
 
 from .image import ImageError, load_image
 from .loading import EMBEDDED_MODEL, OFFICIAL_7B, ModelLoadError
+from .memory import DeviceMemoryError
 from .pipeline import AnswerOptions, FlexVLM, PreparedImage
 from .prompt import PromptError
 from .results import Answer, AnswerStats
@@ -18,6 +19,7 @@ __all__ = [
     "Answer",
     "AnswerOptions",
     "AnswerStats",
+    "DeviceMemoryError",
     "EMBEDDED_MODEL",
     "FlexSettings",
     "FlexVLM",

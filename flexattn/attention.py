@@ -191,7 +191,10 @@ class FlexState:
 
     def _per_pass(self, counts: dict, num_layers: int) -> list[list[int]]:
         passes = [[0] * num_layers for _ in range(self.pass_index + 1)]
-        for (p, layer), count in counts.items():
+        values = list(counts.values())
+        if values and isinstance(values[0], torch.Tensor):  # device counts: one transfer for all of them
+            values = torch.stack(values).tolist()
+        for (p, layer), count in zip(counts, values):
             passes[p][layer] = int(count)
         return passes
 
@@ -299,11 +302,12 @@ def flex_attention_forward(
     values = repeat_kv(value, module.num_key_value_groups)
     scores = (q_rows @ keys.transpose(2, 3)) * scaling
     scores = scores + _row_bias(attention_mask, rows, query.shape[2], key.shape[2], scores.dtype, scores.device)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, R, N)
+    probs32 = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, R, N)
+    probs = probs32.to(query.dtype)
 
-    if avl is None:
+    if avl is None:  # the map is summed and thresholded in float32: half-precision sums would flip masks
         g, start = state.lr_grid, state.image_start
-        lr_map = probs[..., start : start + g * g].sum(1).reshape(probs.shape[0], -1, g, g)
+        lr_map = probs32[..., start : start + g * g].sum(1).reshape(probs.shape[0], -1, g, g)
     else:
         lr_map = _avl_lr_map(module, state, avl, layer, q_rows, probs, cached_key, attended, scaling)
 

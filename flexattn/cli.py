@@ -25,6 +25,9 @@ from .synthetic import BENCHES
 from .trace_file import TraceFileError, save_trace
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id or directory (default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -158,6 +161,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from . import loading, memory  # noqa: PLC0415 - only for this command
+    from .presets import llava_7b_config  # noqa: PLC0415
+    from .settings import FlexSettings  # noqa: PLC0415
+
+    config = llava_7b_config() if args.model == "7b" else loading.model_config(args.model)
+    settings = FlexSettings.from_dict(config.flex_attention)
+    names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    bad = [name for name in names if name not in DTYPES]
+    if bad or not names:
+        raise ValueError(f"--dtypes takes a comma list of {', '.join(DTYPES)}, got {args.dtypes!r}")
+    dtypes = [getattr(torch, name) for name in names]
+    needs = {dtype: memory.needs(config, settings, dtype) for dtype in dtypes}
+    rows = memory.card_table(needs, memory.CARDS)
+    if args.json:
+        print(json.dumps({"needs": {str(d).replace("torch.", ""): {"parameters": n.parameters, "weights": n.weights,
+                                                                  "image": n.image, "answer": n.answer,
+                                                                  "device": n.device, "host_cpu": n.host_cpu,
+                                                                  "host_direct": n.host_direct}
+                                    for d, n in needs.items()}, "cards": rows}))
+    else:
+        print(memory.format_report(needs, rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flexattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,11 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "models)")
     be.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     be.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default: bfloat16 on CUDA; on the CPU bfloat16 for 7b-shaped where the CPU has native "
-                         "bf16 matmuls, else float32")
+                    help="default: for 7b-shaped bfloat16 where the GPU or CPU has it natively, else float16 on "
+                         "CUDA and float32 on the CPU; checkpoints: the loader's choice")
     be.add_argument("--html", default="bench.html", help="chart file (default bench.html; '' for none)")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.set_defaults(run=cmd_bench)
+
+    mem = sub.add_parser("memory", help="GPU memory and host RAM a model needs, and what fits on common GPUs")
+    mem.add_argument("--model", default="7b", help="7b (the released 7B's shape, default), a directory or hub id "
+                                                   "(its configuration only is read)")
+    mem.add_argument("--dtypes", default="float16,float32", help="comma list of float16, bfloat16, float32")
+    mem.add_argument("--json", action="store_true", help="print one JSON object")
+    mem.set_defaults(run=cmd_memory)
     return parser
 
 

@@ -35,6 +35,15 @@ class HRFeatures:
     def crops_encoded(self) -> int:
         return int(self._done.sum())
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: the feature buffer and every layer's projected keys/values."""
+        return self._buffer.nbytes + sum(rows.nbytes for rows in self._kv.values())
+
+    def drop_projections(self) -> None:
+        """Free every projected key/value (they are recomputed when needed again)."""
+        self._kv, self._kv_key = {}, None
+
     def encode(self, crop_ids) -> None:
         for c in sorted({int(c) for c in crop_ids}):
             if self._done[c]:
@@ -77,6 +86,11 @@ class _ProjectedRows:
     def __init__(self, n_tokens: int, device):
         self.index = torch.full((n_tokens,), -1, dtype=torch.long, device=device)
         self.keys = self.values = None
+
+    @property
+    def nbytes(self) -> int:
+        held = self.index.nbytes
+        return held + (self.keys.nbytes + self.values.nbytes if self.keys is not None else 0)
 
     def add(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         start = 0 if self.keys is None else self.keys.shape[0]

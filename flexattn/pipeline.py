@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 import time
@@ -20,22 +19,21 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from . import cost
+from . import cost, memory
 from .attention import FlexHooks, FlexState
 from .avl import AVLCache, AVLSettings, cache_nbytes_per_layer
 from .hr_features import HRFeatures
 from .image import ImageViews, load_image, make_views
 from .loading import LoadedModel, load
+from .memory import DeviceMemoryError
 from .model_card import model_card
 from .prompt import check_question, conversation, tokenize_around_image, unknown_words
 from .results import Answer, AnswerStats, AVLStats, Latency
-from .settings import FlexSettings, check_mode
+from .settings import MAX_NEW_TOKENS, FlexSettings, check_mode
 from .trace import TraceRecorder
-
-MAX_NEW_TOKENS = 512
 
 
 @dataclass
@@ -47,7 +45,8 @@ class PreparedImage:
     lr_features: torch.Tensor  # (g*g, D)
     hr: HRFeatures  # encoded crop by crop: all at once, or lazily as selections touch them
     lr_grid: int
-    prompt_cache: tuple | None = None  # (prompt token key, KV cache of all but its last token) of the last call
+    # (prompt token key, per-layer (keys, values) of all but its last token) of the last call, stored compactly
+    prompt_cache: tuple | None = None
 
     @property
     def hr_grid(self) -> int:
@@ -57,6 +56,17 @@ class PreparedImage:
     def hr_features(self) -> torch.Tensor:
         """(G*G, D), encoding every crop not encoded yet."""
         return self.hr.full()
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes this image holds: features, projected HR keys/values and the prompt prefix."""
+        prefix = sum(k.nbytes + v.nbytes for k, v in self.prompt_cache[1]) if self.prompt_cache else 0
+        return self.lr_features.nbytes + self.hr.nbytes + prefix
+
+    def release(self) -> None:
+        """Drop the caches that grow with questions (HR keys/values, the prompt prefix); done on eviction."""
+        self.hr.drop_projections()
+        self.prompt_cache = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +134,32 @@ class _Timer(BaseStreamer):
             self.inner.end()
 
 
+class _Cancelled(StoppingCriteria):
+    """Stops `generate` at the next token once `event` is set (the stream's consumer went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it measures that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class FlexVLM:
-    def __init__(self, loaded: LoadedModel, cache_size: int = 4, lazy_hr: bool = False, reuse_prefix: bool = True):
+    """The model with its tokenizer, processor and per-image caches.
+
+    cache_size: at most this many images keep their features and keys/values between questions.
+    cache_budget: how many device bytes they may hold together; None: on a GPU, half the memory free once the
+        weights are loaded (measured at the first question), on the CPU no limit but `cache_size`.
+    """
+
+    def __init__(self, loaded: LoadedModel, cache_size: int = 4, lazy_hr: bool = False, reuse_prefix: bool = True,
+                 cache_budget: int | None = None):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
@@ -133,11 +167,13 @@ class FlexVLM:
         self.layout = loaded.layout
         self.untrained_hr = loaded.untrained_hr
         self.card = model_card(loaded.training_info)  # what the model is and can answer, for people
+        self.needs = loaded.needs
         self._cache: OrderedDict[tuple, PreparedImage] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_budget = cache_budget
         self.reuse_prefix = reuse_prefix  # follow-ups reuse the KV cache of the unchanged prompt prefix
         self.lazy_hr = lazy_hr  # encode HR crops only when a selection touches them (same outputs, less vision)
-        self._lock = threading.Lock()  # one generation at a time per model (state is per call; the GPU is not)
+        self._lock = threading.RLock()  # one generation at a time per model (state is per call; the GPU is not)
 
     @classmethod
     def load(cls, name=None, device=None, dtype=None, **options) -> "FlexVLM":
@@ -166,8 +202,8 @@ class FlexVLM:
         zoom = zoom or s.zoom
         hr_size = s.hr_size if zoom == s.zoom else s.lowres_size * zoom
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, s.lowres_size, hr_size, zoom)
-        prepared = self._cache.get(key)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():  # eviction releases tensors: never under a running question
+            prepared = self._cache.get(key)
             if prepared is None:
                 views = make_views(image, self.processor, s.lowres_size, zoom, hr_size)
                 lr = self.model.encode_lowres(views)
@@ -176,10 +212,48 @@ class FlexVLM:
                 self._cache[key] = prepared
             if highres and not lazy:
                 prepared.hr.full()
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            self._evict(keep=key, zoom=zoom)
         return prepared
+
+    @property
+    def cache_budget(self) -> int | None:
+        """The byte budget of cached images (see the class docstring); measured once, on first use."""
+        if self._cache_budget is None:
+            free = memory.free_device_bytes(self.device)
+            if free is not None:
+                self._cache_budget = memory.image_cache_budget(free + self.cached_bytes)
+        return self._cache_budget
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(p.nbytes for p in self._cache.values())
+
+    def _evict(self, keep: tuple, zoom: int) -> None:
+        """Drop least recently used images beyond `cache_size`, and while the others and the worst the image being
+        asked about can grow to (every HR key/value projected, a long prompt) exceed the byte budget."""
+        budget = self.cache_budget
+        worst = 0
+        if budget is not None:
+            settings = self.settings.with_overrides(zoom=zoom)
+            g = settings.lowres_size // self.model.config.vision_config.patch_size
+            per_image = memory.image_cache_bytes(self.model.config, settings, self.model.dtype)
+            worst = max(per_image.worst(g * g + memory.PROMPT_TEXT_TOKENS), self._cache[keep].nbytes)
+        for old in list(self._cache):
+            others = sum(p.nbytes for k, p in self._cache.items() if k != keep)
+            over_count = len(self._cache) > self._cache_size
+            over_bytes = budget is not None and others + worst > budget
+            if not (over_count or over_bytes):
+                break
+            if old != keep:
+                self._cache.pop(old).release()
+
+    def clear_cache(self) -> None:
+        """Release every cached image (after running out of memory, or to start afresh)."""
+        with self._lock:
+            for prepared in self._cache.values():
+                prepared.release()
+            self._cache.clear()
 
     def prompt_embeds(self, prepared: PreparedImage, question: str, history=()) -> tuple[torch.Tensor, int]:
         """(1, T, D) input embeddings of the v1 prompt with the LR features in place of <image>, and where they start."""
@@ -231,17 +305,19 @@ class FlexVLM:
         common = min(common, len(old_key), len(key) - 1)  # feed at least the last prompt token afresh
         if common <= key.index(-1) + prepared.lr_grid**2:  # not even past the image: nothing worth reusing
             return None
-        cache = copy.deepcopy(old_cache)
-        cache.crop(common - cache.get_seq_length())
-        return cache
+        # DynamicCache copies what it is given (and only then grows by concatenation): the stored prefix is never
+        # aliased or changed by the generation that reuses it.
+        return DynamicCache(ddp_cache_data=[(k[..., :common, :], v[..., :common, :]) for k, v in old_cache])
 
     @staticmethod
     def _keep_prefix(prepared: PreparedImage, key: tuple, cache) -> None:
         if cache is None:
             return
         keep = len(key) - 1
-        cache.crop(keep - cache.get_seq_length())
-        prepared.prompt_cache = (key[:keep], cache)
+        # A compact copy: a view into the generation's cache would keep its whole storage (prompt + answer) alive.
+        layers = tuple((layer.keys[..., :keep, :].clone(), layer.values[..., :keep, :].clone())
+                       for layer in cache.layers)
+        prepared.prompt_cache = (key[:keep], layers)
 
     # ---- answering ---------------------------------------------------------------------------------------
     def answer(self, image, question: str, **options) -> Answer:
@@ -250,37 +326,61 @@ class FlexVLM:
         return self._generate(image, question, AnswerOptions(**options), streamer=None)
 
     def stream(self, image, question: str, **options) -> Iterator[str | Answer]:
-        """Yield text chunks as they are generated, then the final Answer. Errors are raised here."""
+        """Yield text chunks as they are generated, then the final Answer. Errors are raised here.
+
+        Closing the iterator early (a cancelled request, a closed page) stops generation at the next token and
+        returns once the model is free for the next question."""
         opts = AnswerOptions(**options)  # bad options fail here, in the caller's thread
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        cancel = threading.Event()
         result: dict = {}
 
         def run():
             try:
-                result["answer"] = self._generate(image, question, opts, streamer=streamer)
+                result["answer"] = self._generate(image, question, opts, streamer=streamer, cancel=cancel)
             except BaseException as err:  # handed to the consumer below
                 result["error"] = err
                 streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        for chunk in streamer:
-            if chunk:
-                yield chunk
+        try:
+            for chunk in streamer:
+                if chunk:
+                    yield chunk
+        except GeneratorExit:
+            cancel.set()
+            worker.join()  # one decoding step at most: the lock is free when close() returns
+            raise
         worker.join()
         if "error" in result:
             raise result["error"]
         yield result["answer"]
 
-    def _generate(self, image, question: str, opts: AnswerOptions, streamer: BaseStreamer | None) -> Answer:
+    def _generate(self, image, question: str, opts: AnswerOptions, streamer: BaseStreamer | None,
+                  cancel: threading.Event | None = None) -> Answer:
+        with self._lock:  # (re-entrant) still held while the caches are released after running out of memory
+            try:
+                return self._answer(image, question, opts, streamer, cancel)
+            except torch.OutOfMemoryError as err:
+                message = str(err)  # its traceback holds the call's tensors: let them go before clearing
+            self.clear_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        raise DeviceMemoryError(memory.out_of_memory_message(message, self.device))
+
+    def _answer(self, image, question: str, opts: AnswerOptions, streamer: BaseStreamer | None,
+                cancel: threading.Event | None) -> Answer:
         question = check_question(question)
         n_layers = self.model.config.text_config.num_hidden_layers
         settings = opts.settings(self.settings, n_layers)
         mode = opts.mode
         with self._lock:
+            _synchronize(self.device)
             vision_start = time.perf_counter()
             lazy = self.lazy_hr if opts.lazy_hr is None else opts.lazy_hr
             prepared = self.prepare(image, highres=mode != "lowres", zoom=settings.zoom, lazy=lazy)
+            _synchronize(self.device)  # the tower's kernels are queued: wait for them before reading the clock
             vision_seconds = time.perf_counter() - vision_start  # ~0 when the image's features were cached
             ids_before, ids_after = tokenize_around_image(self.tokenizer, conversation(question, opts.history))
             inputs_embeds = self._embed(prepared, ids_before, ids_after)
@@ -299,11 +399,12 @@ class FlexVLM:
             hooks = FlexHooks(planted_selection=opts.planted_selection, shift_selection=opts.shift_selection)
             state = self.flex_state(prepared, mode, settings, image_start, recorder=recorder,
                                     avl=cache if opts.avl is not None else None, hooks=hooks)
-            timer = _Timer(streamer)
+            timer = _Timer(streamer)  # generate hands it each token with .cpu(): its clock follows the device
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)
             sampling = {"do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p} \
                 if opts.do_sample else {"do_sample": False}
+            stopping = StoppingCriteriaList([_Cancelled(cancel)]) if cancel is not None else None
             with torch.inference_mode():
                 output = self.model.generate(
                     inputs_embeds=inputs_embeds,
@@ -312,6 +413,7 @@ class FlexVLM:
                     eos_token_id=self.tokenizer.eos_token_id,
                     pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                     streamer=timer,
+                    stopping_criteria=stopping,
                     flex_state=state,
                     past_key_values=cache,
                     return_dict_in_generate=True,

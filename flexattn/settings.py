@@ -9,6 +9,7 @@ MODES = ("lowres", "flex", "select_all")  # what a model answers in
 # The benchmark's and the cost model's modes add naive high-res: every HR token fed to the LLM as an input token
 # (a cost reference: no model is trained for it).
 COST_MODES = (*MODES, "naive_hd")
+MAX_NEW_TOKENS = 512  # the longest answer a call may ask for
 
 
 @dataclass(frozen=True)

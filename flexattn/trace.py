@@ -55,44 +55,92 @@ class Trace:
 class TraceRecorder:
     """Collects per-layer records during a call; `finish()` turns them into a numpy Trace.
 
+    Records stay on the model's device while a pass runs (no per-layer host round trip: on a GPU each would stall
+    the queue); when the next pass starts, the pass's records go to the host in one non-blocking copy.
     `max_passes` bounds memory for long answers (None: every generated token).
     """
 
     def __init__(self, lr_grid: int, hr_grid: int, selection_layer: int, max_passes: int | None = None):
         self.lr_grid, self.hr_grid, self.selection_layer = lr_grid, hr_grid, selection_layer
         self.max_passes = max_passes
-        self._records: dict[tuple[int, int], dict] = {}
+        self._pass: int | None = None
+        self._pending: list[tuple[int, str, torch.Tensor]] = []  # (layer, field, flat float32) of this pass
+        self._copies: list[tuple[int, list[tuple[int, str, int]], torch.Tensor, object]] = []  # one per pass
+        self._records: dict[tuple[int, int], dict] = {}  # host values: (pass, layer) -> field -> value
 
     def _active(self, state) -> bool:
         return self.max_passes is None or state.pass_index < self.max_passes
 
+    def _entry(self, state, layer: int) -> dict:
+        if state.pass_index != self._pass:
+            self._flush()
+            self._pass = state.pass_index
+        return self._records.setdefault((state.pass_index, layer), {})
+
+    def _keep(self, layer: int, field: str, value: torch.Tensor) -> None:
+        self._pending.append((layer, field, value.detach().float().reshape(-1)))
+
     def record(self, state, layer: int, lr_map: torch.Tensor, hr_probs: torch.Tensor | None) -> None:
         if not self._active(state):
             return
-        entry = self._records.setdefault((state.pass_index, layer), {})
-        entry["lr"] = lr_map[0, -1].detach().float().cpu()
+        entry = self._entry(state, layer)
+        self._keep(layer, "lr", lr_map[0, -1])
         if hr_probs is not None:
             used = state.hr_mask[0].any(0)  # the columns _hr_keys_values kept (all of them when batched)
             per_token = hr_probs[0, :, -1].detach().float().sum(0)  # summed over heads
             full = per_token
-            if per_token.numel() != used.numel():
+            if per_token.numel() != used.numel():  # scatter into the HR grid by gathering: no host sync
                 full = torch.zeros(used.numel(), device=per_token.device)
-                full[used] = per_token
-            entry["hr"] = full.cpu()
-            entry["hr_attended"] = int(state.hr_mask[0, -1].sum())
-            entry["hr_share"] = float(per_token.sum()) / hr_probs.shape[1]
+                if per_token.numel():
+                    where = (used.cumsum(0) - 1).clamp(min=0)
+                    full = torch.where(used, per_token[where], full)
+            self._keep(layer, "hr", full)
+            self._keep(layer, "hr_attended", state.hr_mask[0, -1].sum())
+            self._keep(layer, "hr_mass", per_token.sum())
+            entry["heads"] = hr_probs.shape[1]
 
     def record_avl(self, state, layer: int, visual_states: torch.Tensor, all_attended: bool) -> None:
         if self._active(state):
-            entry = self._records.setdefault((state.pass_index, layer), {})
+            entry = self._entry(state, layer)
             entry["avl"] = visual_states.clone()
             entry["avl_refresh"] = all_attended
 
     def record_selection(self, state, layer: int, mask: torch.Tensor) -> None:
         if self._active(state):
-            self._records[(state.pass_index, layer)]["selected"] = mask[0, -1].cpu()
+            self._entry(state, layer)
+            self._keep(layer, "selected", mask[0, -1])
+
+    def _flush(self) -> None:
+        """Send this pass's records to the host: one copy, asynchronous on a GPU (into pinned memory)."""
+        if not self._pending:
+            return
+        flat = torch.cat([value for _, _, value in self._pending])
+        layout = [(layer, field, value.numel()) for layer, field, value in self._pending]
+        done = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = flat.cpu()
+        self._copies.append((self._pass, layout, host, done))
+        self._pending = []
+
+    def _unpack(self) -> None:
+        self._flush()
+        for p, layout, host, done in self._copies:
+            if done is not None:
+                done.synchronize()
+            values = host.numpy().copy()  # out of pinned memory: traces outlive the call
+            offset = 0
+            for layer, field, n in layout:
+                self._records[(p, layer)][field] = values[offset : offset + n]
+                offset += n
+        self._copies = []
 
     def finish(self) -> Trace:
+        self._unpack()
         trace = Trace(self.lr_grid, self.hr_grid, self.selection_layer)
         if not self._records:
             return trace
@@ -106,11 +154,11 @@ class TraceRecorder:
                 layers.append(
                     LayerTrace(
                         layer=l,
-                        lr_attention=e["lr"].reshape(g, g).numpy(),
-                        hr_attended=e.get("hr_attended", 0),
-                        hr_attention_share=e.get("hr_share", 0.0),
-                        hr_attention=e["hr"].reshape(G, G).numpy() if "hr" in e else None,
-                        selected=e["selected"].reshape(G, G).numpy() if "selected" in e else None,
+                        lr_attention=e["lr"].reshape(g, g),
+                        hr_attended=int(e["hr_attended"][0]) if "hr_attended" in e else 0,
+                        hr_attention_share=float(e["hr_mass"][0]) / e["heads"] if "hr_mass" in e else 0.0,
+                        hr_attention=e["hr"].reshape(G, G) if "hr" in e else None,
+                        selected=e["selected"].reshape(G, G) > 0.5 if "selected" in e else None,
                         avl_state=e["avl"].reshape(g, g).numpy() if "avl" in e else None,
                         avl_refresh=e.get("avl_refresh", False),
                     )

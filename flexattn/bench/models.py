@@ -13,7 +13,7 @@ from PIL import Image
 from transformers.initialization import no_init_weights
 
 from ..image import ImageProcessor
-from ..loading import EMBEDDED_MODEL, LoadedModel, ModelLoadError, default_device
+from ..loading import EMBEDDED_MODEL, LoadedModel, ModelLoadError, default_device, native_bf16
 from ..modeling import FlexLlavaForConditionalGeneration
 from ..pipeline import FlexVLM
 from ..presets import llava_7b_config
@@ -82,12 +82,15 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
-def default_dtype(device: torch.device, random_weights: bool) -> torch.dtype:
-    """bfloat16 on CUDA; on the CPU bfloat16 for random-weight cost runs where the CPU has native bf16 matmuls
-    (AMX / AVX-512 BF16), else float32. Trained checkpoints on the CPU keep the loader's default (float32)."""
+def default_dtype(device: torch.device, random_weights: bool) -> torch.dtype | None:
+    """Random-weight cost runs: bfloat16 where the device has it natively (CUDA compute capability >= 8.0; CPUs
+    with AMX / AVX-512 BF16), else float16 on CUDA and float32 on the CPU. Trained checkpoints: None, the loader's
+    choice (float16 for the released 7B on a GPU, float32 on the CPU)."""
+    if not random_weights:
+        return None
     if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if random_weights and _cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if native_bf16(torch.cuda.get_device_capability(device)) else torch.float16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
 def seven_b_shaped(depth_divisor: int = 8, device=None, dtype=None, seed: int = 0) -> FlexVLM:
