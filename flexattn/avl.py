@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 PREFIX, VISUAL, TEXT = 0, 1, 2  # kinds of cached tokens
+SPARE = 16  # free entries a layer's buffers keep past the last one: decoding steps append in place, not by copying
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class AVLLayer(DynamicLayer):
     """One layer's cache: physical keys/values plus each entry's original position, kind and A-VL bookkeeping.
 
     What a decoding step reads (the attended entries, where the visual ones sit on the LR grid) is kept here and
-    changes only when entries are evicted or the core is re-ranked, so ordinary steps rebuild nothing."""
+    changes only when entries are evicted or the core is re-ranked, so ordinary steps rebuild nothing. Keys and
+    values are views of buffers with up to SPARE free entries after them (not counted in `layer_nbytes`): a step
+    writes its token in place instead of copying the whole layer, as a growing cache would."""
 
     def __init__(self, image_start: int, image_end: int):
         super().__init__()
@@ -107,10 +110,27 @@ class AVLLayer(DynamicLayer):
         self.score = torch.zeros(0)  # accumulated attention (text heavy hitters)
         self.attended: torch.Tensor | None = None  # entries ordinary steps attend to (None: every one)
         self._cells: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # see visual_cells
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Hold `keys`/`values` in new buffers with `room` + SPARE free entries after them."""
+        n = keys.shape[-2]
+        self._buffers = tuple(t.new_empty(*t.shape[:-2], n + room + SPARE, t.shape[-1]) for t in (keys, values))
+        for buffer, t in zip(self._buffers, (keys, values)):
+            buffer[..., :n, :] = t
+        self.keys, self.values = (buffer[..., :n, :] for buffer in self._buffers)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
         n, held = key_states.shape[-2], len(self.positions)
-        keys, values = super().update(key_states, value_states)
+        if self._buffers is None:
+            self._store(key_states[..., :0, :], value_states[..., :0, :], n)
+        elif held + n > self._buffers[0].shape[-2]:
+            self._store(self.keys, self.values, n)
+        for buffer, t in zip(self._buffers, (key_states, value_states)):
+            buffer[..., held : held + n, :] = t
+        self.keys, self.values = (buffer[..., : held + n, :] for buffer in self._buffers)
         positions = torch.arange(self.seen, self.seen + n)
         self.positions = torch.cat([self.positions, positions])
         kind = _kinds(positions, self.image_start, self.image_end)
@@ -122,7 +142,7 @@ class AVLLayer(DynamicLayer):
             self.attended = torch.cat([self.attended, torch.arange(held, held + n)])
         if bool((kind == VISUAL).any()):
             self._cells = {}
-        return keys, values
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.seen  # position ids of new tokens continue from here
@@ -132,8 +152,7 @@ class AVLLayer(DynamicLayer):
 
     def keep(self, index: torch.Tensor) -> None:
         device_index = index.to(self.keys.device)
-        self.keys = self.keys.index_select(-2, device_index)
-        self.values = self.values.index_select(-2, device_index)
+        self._store(self.keys.index_select(-2, device_index), self.values.index_select(-2, device_index), 0)
         self.positions, self.kind = self.positions[index], self.kind[index]
         self.core, self.score = self.core[index], self.score[index]
         self.core_changed()
