@@ -297,13 +297,16 @@ def flex_attention_forward(
     scores = scores + _row_bias(attention_mask, rows, query.shape[2], key.shape[2], scores.dtype, scores.device)
     probs32 = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, R, N)
 
-    if avl is None:  # the map is summed and thresholded in float32: half-precision sums would flip masks
+    # the map is summed and thresholded in float32: half-precision sums would flip masks
+    if avl is None:
         g, start = state.lr_grid, state.image_start
         lr_map = probs32[..., start : start + g * g].sum(1).reshape(probs32.shape[0], -1, g, g)
     else:
-        probs = probs32.to(query.dtype)
-        map_probs = F.softmax(cached_scores, dim=-1, dtype=torch.float32) if secondary else probs
-        lr_map = _avl_lr_map(state, avl, layer, probs, map_probs, attended, secondary)
+        map_probs = F.softmax(cached_scores, dim=-1, dtype=torch.float32) if secondary else probs32
+        lr_map = _avl_lr_map(state, avl, layer, map_probs, attended, secondary)
+        # A-VL ranks by the row's attention in the model's dtype, mean over heads
+        scored_extra = map_probs.shape[-1] - probs32.shape[-1]  # cached keys scored beyond the attended ones
+        avl.observe(layer, probs32[0, :, -1].to(query.dtype).mean(0), attended, scored_extra)
 
     settings = state.settings
     hr_probs = None
@@ -356,8 +359,9 @@ def _scores_secondary(state: FlexState, avl, layer: int) -> bool:
     return selecting and avl.settings.selection_scores == "secondary"
 
 
-def _avl_lr_map(state: FlexState, avl, layer, probs, map_probs, attended, secondary):
-    """The LR map over cache entries (whose LR cells A-VL keeps per layer), then A-VL's own bookkeeping."""
+def _avl_lr_map(state: FlexState, avl, layer, map_probs, attended, secondary):
+    """The LR map from probabilities over cache entries (every one if `secondary`, else those attended), whose LR
+    cells A-VL keeps per layer."""
     map_index = None if secondary else attended
     columns, cells = avl.layers[layer].visual_cells(map_index)
     summed = map_probs.sum(1)  # (B, R, N)
@@ -367,8 +371,6 @@ def _avl_lr_map(state: FlexState, avl, layer, probs, map_probs, attended, second
     lr_map = image[..., : g * g].reshape(*summed.shape[:2], g, g)
     if state.recorder is not None:
         state.recorder.record_avl(state, layer, avl.visual_states(layer, state.lr_grid**2), attended is None)
-    extra = map_probs.shape[-1] - probs.shape[-1]  # cached keys scored for selection beyond those attended
-    avl.observe(layer, probs[0, :, -1].mean(0), attended, extra)
     return lr_map
 
 
