@@ -233,17 +233,6 @@ def _row_bias(attention_mask, rows, q_len, kv_len, dtype, device) -> torch.Tenso
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _lr_map_from_positions(probs: torch.Tensor, positions: torch.Tensor, state: FlexState) -> torch.Tensor:
-    """(B, H, R, N) probabilities over cache entries at `positions` -> (B, R, g, g) head-summed LR map."""
-    g = state.lr_grid
-    cells = positions.to(probs.device) - state.image_start
-    visual = (cells >= 0) & (cells < g * g)
-    summed = probs.sum(1)  # (B, R, N)
-    lr_map = summed.new_zeros(*summed.shape[:2], g * g)
-    lr_map[..., cells[visual]] = summed[..., visual]
-    return lr_map.reshape(*summed.shape[:2], g, g)
-
-
 def _hr_keys_values(module, state: FlexState, hr_mask: torch.Tensor):
     """Keys/values of the HR tokens the rows may attend to, a (B, 1, R, M) additive mask over them, and how many
     tokens were projected for this call (the rest were cached)."""
@@ -298,18 +287,26 @@ def flex_attention_forward(
     # The HR rows' own attention over text + LR: it drives selection, and HR attention extends it.
     rows = state.query_rows(query.shape[0], query.shape[2], query.device)  # (B, R)
     q_rows = query.gather(2, rows[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
-    keys = repeat_kv(key, module.num_key_value_groups)
     values = repeat_kv(value, module.num_key_value_groups)
-    scores = (q_rows @ keys.transpose(2, 3)) * scaling
+    secondary = avl is not None and attended is not None and _scores_secondary(state, avl, layer)
+    if secondary:  # one product over every cached entry: selection scores them all, the output reads the attended
+        cached_scores = (q_rows @ repeat_kv(cached_key, module.num_key_value_groups).transpose(2, 3)) * scaling
+        scores = cached_scores.index_select(-1, attended.to(cached_scores.device))
+    else:
+        scores = (q_rows @ repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
     scores = scores + _row_bias(attention_mask, rows, query.shape[2], key.shape[2], scores.dtype, scores.device)
     probs32 = F.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, R, N)
-    probs = probs32.to(query.dtype)
 
-    if avl is None:  # the map is summed and thresholded in float32: half-precision sums would flip masks
+    # the map is summed and thresholded in float32: half-precision sums would flip masks
+    if avl is None:
         g, start = state.lr_grid, state.image_start
-        lr_map = probs32[..., start : start + g * g].sum(1).reshape(probs.shape[0], -1, g, g)
+        lr_map = probs32[..., start : start + g * g].sum(1).reshape(probs32.shape[0], -1, g, g)
     else:
-        lr_map = _avl_lr_map(module, state, avl, layer, q_rows, probs, cached_key, attended, scaling)
+        map_probs = F.softmax(cached_scores, dim=-1, dtype=torch.float32) if secondary else probs32
+        lr_map = _avl_lr_map(state, avl, layer, map_probs, attended, secondary)
+        # A-VL ranks by the row's attention in the model's dtype, mean over heads
+        scored_extra = map_probs.shape[-1] - probs32.shape[-1]  # cached keys scored beyond the attended ones
+        avl.observe(layer, probs32[0, :, -1].to(query.dtype).mean(0), attended, scored_extra)
 
     settings = state.settings
     hr_probs = None
@@ -356,19 +353,24 @@ def _avl_restrict(avl, layer, query, key, value, attention_mask):
     return key.index_select(2, index), value.index_select(2, index), None, attended
 
 
-def _avl_lr_map(module, state: FlexState, avl, layer, q_rows, probs, cached_key, attended, scaling):
-    """The LR map over cache entries (whose positions A-VL tracks), then A-VL's own bookkeeping for this layer."""
-    map_probs, map_index, extra = probs, attended, 0
+def _scores_secondary(state: FlexState, avl, layer: int) -> bool:
+    """Whether this layer's selection map scores every cached (secondary) visual token, not only the core."""
     selecting = state.mode != "lowres" and layer >= state.settings.selection_layer
-    if selecting and attended is not None and avl.settings.selection_scores == "secondary":
-        # score selection over every cached visual token, not only the core this step attends to
-        all_keys = repeat_kv(cached_key, module.num_key_value_groups)
-        map_probs = F.softmax((q_rows @ all_keys.transpose(2, 3)) * scaling, dim=-1, dtype=torch.float32)
-        map_index, extra = None, cached_key.shape[2]
-    lr_map = _lr_map_from_positions(map_probs, avl.positions(layer, map_index), state)
+    return selecting and avl.settings.selection_scores == "secondary"
+
+
+def _avl_lr_map(state: FlexState, avl, layer, map_probs, attended, secondary):
+    """The LR map from probabilities over cache entries (every one if `secondary`, else those attended), whose LR
+    cells A-VL keeps per layer."""
+    map_index = None if secondary else attended
+    columns, cells = avl.layers[layer].visual_cells(map_index)
+    summed = map_probs.sum(1)  # (B, R, N)
+    image = summed.new_zeros(*summed.shape[:2], avl.image_end - avl.image_start)  # naive_hd's HR tokens follow LR
+    image[..., cells.to(summed.device)] = summed[..., columns.to(summed.device)]
+    g = state.lr_grid
+    lr_map = image[..., : g * g].reshape(*summed.shape[:2], g, g)
     if state.recorder is not None:
         state.recorder.record_avl(state, layer, avl.visual_states(layer, state.lr_grid**2), attended is None)
-    avl.observe(layer, probs[0, :, -1].mean(0), attended, extra)
     return lr_map
 
 

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 PREFIX, VISUAL, TEXT = 0, 1, 2  # kinds of cached tokens
+SPARE = 16  # free entries a layer's buffers keep past the last one: decoding steps append in place, not by copying
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,14 @@ def cache_nbytes_per_layer(cache) -> list[int]:
     return [layer_nbytes(layer) for layer in cache.layers]
 
 
+def _kinds(positions: torch.Tensor, image_start: int, image_end: int) -> torch.Tensor:
+    """PREFIX / VISUAL / TEXT of the tokens at `positions`."""
+    kind = torch.full_like(positions, TEXT)
+    kind[positions < image_start] = PREFIX
+    kind[(positions >= image_start) & (positions < image_end)] = VISUAL
+    return kind
+
+
 def _top(scores: torch.Tensor, share: float) -> torch.Tensor:
     """Indices of the top ceil(share * n) scores (ties: earlier first), in ascending index order."""
     k = math.ceil(share * scores.numel() - 1e-9)
@@ -84,23 +93,56 @@ def _top(scores: torch.Tensor, share: float) -> torch.Tensor:
 
 
 class AVLLayer(DynamicLayer):
-    """One layer's cache: physical keys/values plus each entry's original position, kind and A-VL bookkeeping."""
+    """One layer's cache: physical keys/values plus each entry's original position, kind and A-VL bookkeeping.
 
-    def __init__(self):
+    What a decoding step reads (the attended entries, where the visual ones sit on the LR grid) is kept here and
+    changes only when entries are evicted or the core is re-ranked, so ordinary steps rebuild nothing. Keys and
+    values are views of buffers with up to SPARE free entries after them (not counted in `layer_nbytes`): a step
+    writes its token in place instead of copying the whole layer, as a growing cache would."""
+
+    def __init__(self, image_start: int, image_end: int):
         super().__init__()
+        self.image_start, self.image_end = image_start, image_end
         self.seen = 0  # tokens this layer has seen: positions keep counting across evictions
         self.positions = torch.zeros(0, dtype=torch.long)
+        self.kind = torch.zeros(0, dtype=torch.long)  # PREFIX / VISUAL / TEXT per entry
         self.core = torch.zeros(0, dtype=torch.bool)  # meaningful for visual entries
         self.score = torch.zeros(0)  # accumulated attention (text heavy hitters)
+        self.attended: torch.Tensor | None = None  # entries ordinary steps attend to (None: every one)
+        self._cells: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # see visual_cells
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Hold `keys`/`values` in new buffers with `room` + SPARE free entries after them."""
+        n = keys.shape[-2]
+        self._buffers = tuple(t.new_empty(*t.shape[:-2], n + room + SPARE, t.shape[-1]) for t in (keys, values))
+        for buffer, t in zip(self._buffers, (keys, values)):
+            buffer[..., :n, :] = t
+        self.keys, self.values = (buffer[..., :n, :] for buffer in self._buffers)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        n = key_states.shape[-2]
-        keys, values = super().update(key_states, value_states)
-        self.positions = torch.cat([self.positions, torch.arange(self.seen, self.seen + n)])
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, held = key_states.shape[-2], len(self.positions)
+        if self._buffers is None:
+            self._store(key_states[..., :0, :], value_states[..., :0, :], n)
+        elif held + n > self._buffers[0].shape[-2]:
+            self._store(self.keys, self.values, n)
+        for buffer, t in zip(self._buffers, (key_states, value_states)):
+            buffer[..., held : held + n, :] = t
+        self.keys, self.values = (buffer[..., : held + n, :] for buffer in self._buffers)
+        positions = torch.arange(self.seen, self.seen + n)
+        self.positions = torch.cat([self.positions, positions])
+        kind = _kinds(positions, self.image_start, self.image_end)
+        self.kind = torch.cat([self.kind, kind])
         self.core = torch.cat([self.core, torch.ones(n, dtype=torch.bool)])
         self.score = torch.cat([self.score, torch.zeros(n)])
         self.seen += n
-        return keys, values
+        if self.attended is not None:  # new entries are core, hence attended
+            self.attended = torch.cat([self.attended, torch.arange(held, held + n)])
+        if bool((kind == VISUAL).any()):
+            self._cells = {}
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.seen  # position ids of new tokens continue from here
@@ -110,17 +152,33 @@ class AVLLayer(DynamicLayer):
 
     def keep(self, index: torch.Tensor) -> None:
         device_index = index.to(self.keys.device)
-        self.keys = self.keys.index_select(-2, device_index)
-        self.values = self.values.index_select(-2, device_index)
-        self.positions, self.core, self.score = self.positions[index], self.core[index], self.score[index]
+        self._store(self.keys.index_select(-2, device_index), self.values.index_select(-2, device_index), 0)
+        self.positions, self.kind = self.positions[index], self.kind[index]
+        self.core, self.score = self.core[index], self.score[index]
+        self.core_changed()
 
+    def core_changed(self) -> None:
+        """Entries or the core changed: what ordinary steps attend to, found once here."""
+        attended = (self.kind != VISUAL) | self.core
+        self.attended = None if bool(attended.all()) else attended.nonzero().squeeze(1)
+        self._cells = {}
+
+    def visual_cells(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(columns, LR cells) of the visual entries among `index` (None: every entry; else this layer's
+        `attended`): where a row of attention over those entries lands on the LR grid."""
+        key = index is None
+        if key not in self._cells:
+            kind, positions = (self.kind, self.positions) if index is None else (self.kind[index], self.positions[index])
+            columns = (kind == VISUAL).nonzero().squeeze(1)
+            self._cells[key] = columns, positions[columns] - self.image_start
+        return self._cells[key]
 
 
 class AVLCache(DynamicCache):
     """KV cache with A-VL eviction; pass as `past_key_values` and give the same object to `FlexState(avl=...)`."""
 
     def __init__(self, settings: AVLSettings, num_layers: int, image_start: int, image_tokens: int):
-        Cache.__init__(self, layers=[AVLLayer() for _ in range(num_layers)])
+        Cache.__init__(self, layers=[AVLLayer(image_start, image_start + image_tokens) for _ in range(num_layers)])
         self.settings = settings
         self.image_start, self.image_end = image_start, image_start + image_tokens
         self.step = 0  # decoding step (0 during prefill); FlexState.begin_pass keeps it in step with the passes
@@ -130,10 +188,7 @@ class AVLCache(DynamicCache):
 
     # ---- what a pass attends to ---------------------------------------------------------------------------
     def kinds(self, positions: torch.Tensor) -> torch.Tensor:
-        kind = torch.full_like(positions, TEXT)
-        kind[positions < self.image_start] = PREFIX
-        kind[(positions >= self.image_start) & (positions < self.image_end)] = VISUAL
-        return kind
+        return _kinds(positions, self.image_start, self.image_end)
 
     def is_refresh(self) -> bool:
         return self.step > 0 and self.step % self.settings.refresh_every == 0
@@ -142,14 +197,7 @@ class AVLCache(DynamicCache):
         """Cache entries the decoding query attends to at `layer` (None: all of them)."""
         if self.step == 0 or self.is_refresh():
             return None
-        cache = self.layers[layer]
-        visual = self.kinds(cache.positions) == VISUAL
-        keep = ~visual | cache.core
-        return None if bool(keep.all()) else keep.nonzero().squeeze(1)
-
-    def positions(self, layer: int, index: torch.Tensor | None) -> torch.Tensor:
-        positions = self.layers[layer].positions
-        return positions if index is None else positions[index]
+        return self.layers[layer].attended
 
     def prefill_mask(self, layer: int, q_len: int, attention_mask, device) -> torch.Tensor | None:
         """With the prefill filter on, layers after `prefill_filter_layer` no longer see the dropped image tokens."""
@@ -167,31 +215,32 @@ class AVLCache(DynamicCache):
 
     # ---- after a layer's attention: rank, refresh, evict -----------------------------------------------
     def observe(self, layer: int, probs: torch.Tensor, index: torch.Tensor | None, extra_scored: int = 0) -> None:
-        """probs: (N_attended,) the last query row's attention over the attended entries, mean over heads;
-        extra_scored: cached keys scored beyond those (for the selection map), for the cost model."""
+        """probs: (N_attended,) the last query row's attention over the attended entries (`index`: this layer's
+        `attended`, None for all), mean over heads; extra_scored: cached keys scored beyond those (for the
+        selection map), for the cost model."""
         cache = self.layers[layer]
         probs = probs.detach().float().cpu()
-        positions = self.positions(layer, index)
-        visual = self.kinds(positions) == VISUAL
+        visual = len(cache.visual_cells(index)[0])
         if self.step == 0:
             self._after_prefill(layer, probs)
         else:
-            full = torch.zeros(len(cache.positions))
-            full[index if index is not None else slice(None)] = probs
-            cache.score += full  # text heavy hitters accumulate the attention they receive
-            if self.is_refresh():
-                self._rank_core(cache, full)
+            if index is None:
+                cache.score += probs  # text heavy hitters accumulate the attention they receive
+            else:
+                cache.score.index_add_(0, index, probs)
+            if self.is_refresh():  # (a refresh step attends to every entry: index is None)
+                self._rank_core(cache, probs)
             self._evict_text(cache)
         if len(self.visual_attended) <= self.step:
             self.visual_attended.append([])
             self.keys_scored.append([])
-        self.visual_attended[self.step].append(int(visual.sum()))
+        self.visual_attended[self.step].append(visual)
         self.keys_scored[self.step].append((len(probs), extra_scored))
 
     def _after_prefill(self, layer: int, probs: torch.Tensor) -> None:
         cache = self.layers[layer]
         s = self.settings
-        visual = (self.kinds(cache.positions) == VISUAL).nonzero().squeeze(1)
+        visual = (cache.kind == VISUAL).nonzero().squeeze(1)
         if s.prefill_filter_layer is not None and layer == s.prefill_filter_layer:
             kept = visual[_top(probs[visual], s.prefill_keep)]
             mask = torch.ones(len(visual), dtype=torch.bool)
@@ -204,20 +253,21 @@ class AVLCache(DynamicCache):
             probs_visual = probs[visual]
         secondary = visual[_top(probs_visual, 1 - s.vision_evict_rate)]
         keep = torch.ones(len(cache.positions), dtype=torch.bool)
-        keep[(self.kinds(cache.positions) == VISUAL)] = False
+        keep[cache.kind == VISUAL] = False
         keep[secondary] = True
         self._rank_core(cache, probs, among=secondary)
         cache.keep(keep.nonzero().squeeze(1))
 
     def _rank_core(self, cache: AVLLayer, scores: torch.Tensor, among: torch.Tensor | None = None) -> None:
         if among is None:
-            among = (self.kinds(cache.positions) == VISUAL).nonzero().squeeze(1)
+            among = (cache.kind == VISUAL).nonzero().squeeze(1)
         cache.core[among] = False
         cache.core[among[_top(scores[among], 1 - self.settings.compute_skip_rate)]] = True
+        cache.core_changed()
 
     def _evict_text(self, cache: AVLLayer) -> None:
         s = self.settings
-        text = (self.kinds(cache.positions) == TEXT).nonzero().squeeze(1)
+        text = (cache.kind == TEXT).nonzero().squeeze(1)
         seen_text = cache.seen - self.image_end
         budget = max(s.min_text_budget, math.ceil((1 - s.text_evict_rate) * seen_text))
         if len(text) <= budget:
@@ -240,7 +290,7 @@ class AVLCache(DynamicCache):
     def visual_states(self, layer: int, lr_tokens: int) -> torch.Tensor:
         """(lr_tokens,) int8 per LR image token: 0 evicted, 1 secondary (cached, not attended), 2 core."""
         cache = self.layers[layer]
-        visual = self.kinds(cache.positions) == VISUAL
+        visual = cache.kind == VISUAL
         state = torch.zeros(lr_tokens, dtype=torch.int8)
         cells = cache.positions[visual] - self.image_start
         state[cells] = torch.where(cache.core[visual], 2, 1).to(torch.int8)
