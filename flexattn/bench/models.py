@@ -168,7 +168,7 @@ def build_models(names: Sequence[str], depth_divisor: int = 8, planted_share: fl
         if name == "embedded" and not (EMBEDDED_MODEL / "config.json").is_file():
             raise ModelLoadError(
                 f"the embedded model is not there yet ({EMBEDDED_MODEL / 'config.json'} is missing; it is produced "
-                "by scripts/train_embedded.py): run the bench with --model 7b-shaped or a checkpoint PATH"
+                "by train.py): run the bench with --model 7b-shaped or a checkpoint PATH"
             )
         dev = torch.device(device) if device is not None else default_device()
         vlm = FlexVLM.load(path, device=dev, dtype=dtype or default_dtype(dev, random_weights=False))
