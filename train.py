@@ -80,11 +80,12 @@ def warmup_cosine(opt, warmup: int, steps: int, floor: float):
 
 
 class Resume:
-    """Periodic checkpoints of a training loop (modules, optimiser, scheduler, step, RNG states) in `<out>/resume.pt`,
-    loaded again when the stage is started with the same output directory."""
+    """Periodic checkpoints of a training loop (modules, optimiser, scheduler, step, RNG states, training seconds so
+    far) in `<out>/resume.pt`, loaded again when the stage is started with the same output directory."""
 
     def __init__(self, out: Path, every: int, **state):
         self.path, self.every, self.state = out / "resume.pt", every, state
+        self.started, self.seconds_before = time.time(), 0.0
 
     def load(self) -> int:
         if not self.path.is_file():
@@ -93,14 +94,19 @@ class Resume:
         for name, obj in self.state.items():
             obj.load_state_dict(saved[name])
         torch.set_rng_state(saved["torch_rng"])
+        self.seconds_before = saved.get("seconds", 0.0)
         print(f"resuming {self.path.parent} at step {saved['step']}")
         return saved["step"]
+
+    def seconds(self) -> float:
+        """Training time of the whole stage, earlier runs of it included (a resumed stage reports all of it)."""
+        return self.seconds_before + time.time() - self.started
 
     def save(self, step: int) -> None:
         if self.every and step % self.every == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             state = {name: obj.state_dict() for name, obj in self.state.items()}
-            state.update(step=step, torch_rng=torch.get_rng_state())
+            state.update(step=step, torch_rng=torch.get_rng_state(), seconds=self.seconds())
             torch.save(state, self.path.with_suffix(".tmp"))
             self.path.with_suffix(".tmp").replace(self.path)
 
@@ -363,7 +369,6 @@ def train_tower(cfg: TowerConfig) -> dict:
     # Training images: a block per run seed, far below the held-out range; resumed runs skip what was seen.
     loader = DataLoader(PatchStream(cfg.seed * 1_000_000 + start * cfg.batch_size), batch_size=cfg.batch_size,
                         num_workers=1, prefetch_factor=4)
-    t0 = time.time()
     tower.train()
     heads.train()
     batches = iter(loader)
@@ -377,7 +382,7 @@ def train_tower(cfg: TowerConfig) -> dict:
         resume.save(step + 1)
     tower.eval()
     heads.eval()
-    seconds = time.time() - t0
+    seconds = resume.seconds()
     metrics = tower_accuracy(tower, heads, _batches(range(HELDOUT_SEED, HELDOUT_SEED + cfg.eval_images), 50))
     metrics["left_right_probe"] = position_probe(tower, range(TUNE_SEED, TUNE_SEED + 300),
                                                  range(HELDOUT_SEED, HELDOUT_SEED + cfg.eval_images))
@@ -681,7 +686,6 @@ def train_phases(model, tokenizer, cache, out: Path, phases: list[Phase], *, bat
     start = resume.load()
     schedule = [phase for phase in phases for _ in range(phase.steps)]
     settings = model.flex_settings
-    t0 = time.time()
     model.train()
     ema: dict[str, float] = {}
     bar = tqdm(range(start, steps), desc=out.name, initial=start, total=steps, dynamic_ncols=True)
@@ -707,12 +711,13 @@ def train_phases(model, tokenizer, cache, out: Path, phases: list[Phase], *, bat
             ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
         if eval_fn is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            tqdm.write(f"{out.name} step {step + 1} ({(time.time() - t0) / 60:.1f} min): {eval_fn()}")
+            tqdm.write(f"{out.name} step {step + 1} ({resume.seconds() / 60:.1f} min): {eval_fn()}")
             model.train()
         resume.save(step + 1)
+    seconds = resume.seconds()
     model.eval()
     resume.done()
-    return time.time() - t0
+    return seconds
 
 
 # ---- teacher-forced evaluation on tuning images (== greedy decoding, row for row) ------------------------------
